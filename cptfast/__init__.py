@@ -1,0 +1,21 @@
+"""cptfast: kernel-accelerated continued pretraining of Hugging Face causal language models.
+
+Submodules load on first use, so `import cptfast` is cheap (the `cptfast` command and the
+tokenizer worker processes of `cptfast prepare` start fast).
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("data", "errors")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cptfast.{name}")
+    raise AttributeError(f"module 'cptfast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_SUBMODULES])
