@@ -131,6 +131,15 @@ def test_shards_close_once_they_reach_shard_tokens(tmp_path, tokenizer_dir):
     assert [d.tolist() for d in opened] == oracle_ids(tokenizer_dir, docs)
 
 
+def test_shard_boundary_exactly_at_shard_tokens(tmp_path, tokenizer_dir):
+    # Equal documents of L tokens and shard_tokens = 5 L: every file holds exactly 5 of them.
+    length = len(oracle_ids(tokenizer_dir, ["same text"])[0])
+    write_jsonl(tmp_path / "in.jsonl", ["same text"] * 23)
+    prepare([tmp_path / "in.jsonl"], tmp_path / "out", tokenizer_dir, shard_tokens=5 * length,
+            workers=1)
+    assert [len(s) for s in open_shards(tmp_path / "out").shards] == [5, 5, 5, 5, 3]
+
+
 def test_manifest_records_the_facts(tmp_path, tokenizer_dir):
     write_jsonl(tmp_path / "in.jsonl", UNICODE_DOCS * 10)
     prepare([tmp_path / "in.jsonl"], tmp_path / "out", tokenizer_dir, shard_tokens=200, workers=1)
