@@ -11,12 +11,14 @@ of workers.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -305,7 +307,8 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
     dtype = token_dtype_for_vocab(vocab_size)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:12]}"
+    _remove_abandoned_staging(output)
+    staging = output.parent / f".{output.name}.partial-{_staging_owner()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     sink = _ShardSink(staging, dtype, shard_tokens)
     pool = None
@@ -381,6 +384,26 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
                           empty_documents_skipped=manifest.empty_documents_skipped,
                           files=len(shard_files), seconds=time.perf_counter() - started,
                           length_histogram=histogram)
+
+
+def _staging_owner(pid: int | None = None) -> str:
+    return f"{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+
+
+def _remove_abandoned_staging(output: Path) -> None:
+    """Delete staging directories that killed runs for this output left on this host."""
+    prefix = f".{output.name}.partial-{socket.gethostname()}-"
+    for path in output.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that run is still going
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, owned by another user
 
 
 def _publish(staging: Path, output: Path) -> None:

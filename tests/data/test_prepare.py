@@ -248,6 +248,11 @@ def test_killed_prepare_leaves_nothing_that_looks_valid(tmp_path, tokenizer_dir)
         open_shards(out)
     with pytest.raises(ShardFormatError, match="manifest.json: missing"):
         open_shards(staged[0].parent)
+    # The next run cleans up what the killed one left and publishes a complete directory.
+    (tmp_path / "small.txt").write_text("after the crash")
+    prepare([tmp_path / "small.txt"], out, tokenizer_dir, workers=1)
+    assert read_all(out) == oracle_ids(tokenizer_dir, ["after the crash"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out", "small.txt"]
 
 
 def test_cli_prepare_verify_and_errors(tmp_path, tokenizer_dir, capsys):
@@ -265,3 +270,13 @@ def test_cli_prepare_verify_and_errors(tmp_path, tokenizer_dir, capsys):
     assert cli_main(["verify", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "cptfast verify: error:" in err and "part-00000" in err and "at byte" in err
+
+
+def test_staging_of_a_live_run_is_left_alone(tmp_path, tokenizer_dir):
+    import socket
+
+    live = tmp_path / f".out.partial-{socket.gethostname()}-{os.getpid()}-abcd1234"
+    live.mkdir()
+    (tmp_path / "in.txt").write_text("x")
+    prepare([tmp_path / "in.txt"], tmp_path / "out", tokenizer_dir, workers=1)
+    assert live.is_dir()
