@@ -13,19 +13,6 @@ using cptfast::TokenType;
 
 namespace {
 
-const char* numpy_name(TokenType t) {
-  switch (t) {
-    case TokenType::kU8: return "uint8";
-    case TokenType::kI8: return "int8";
-    case TokenType::kI16: return "int16";
-    case TokenType::kU16: return "uint16";
-    case TokenType::kI32: return "int32";
-    case TokenType::kU32: return "uint32";
-    case TokenType::kI64: return "int64";
-  }
-  return "uint8";
-}
-
 TokenType parse_token_type(const std::string& name) {
   if (name == "uint16") return TokenType::kU16;
   if (name == "uint32") return TokenType::kU32;
@@ -49,7 +36,7 @@ py::array document_view(py::object self, int64_t i) {
   }
   const auto& offsets = shard.document_offsets();
   const auto* base = static_cast<const uint8_t*>(shard.tokens()) + offsets[i] * shard.itemsize();
-  return readonly_view(py::dtype(numpy_name(shard.token_type())), offsets[i + 1] - offsets[i],
+  return readonly_view(py::dtype(cptfast::token_type_name(shard.token_type())), offsets[i + 1] - offsets[i],
                        base, self);
 }
 
@@ -85,7 +72,7 @@ PYBIND11_MODULE(_C, m) {
                                }
                                return "?";
                              })
-      .def_property_readonly("dtype", [](const TokenShard& s) { return numpy_name(s.token_type()); })
+      .def_property_readonly("dtype", [](const TokenShard& s) { return cptfast::token_type_name(s.token_type()); })
       .def_property_readonly("num_tokens", &TokenShard::num_tokens)
       .def_property_readonly("num_documents", &TokenShard::num_documents)
       .def("__len__", &TokenShard::num_documents)
@@ -94,7 +81,7 @@ PYBIND11_MODULE(_C, m) {
       .def("tokens",
            [](py::object self) {
              auto& s = self.cast<TokenShard&>();
-             return readonly_view(py::dtype(numpy_name(s.token_type())), s.num_tokens(),
+             return readonly_view(py::dtype(cptfast::token_type_name(s.token_type())), s.num_tokens(),
                                   s.tokens(), self);
            },
            "All tokens of the file as one read-only numpy view.")

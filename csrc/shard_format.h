@@ -51,6 +51,20 @@ CPTFAST_HD inline int token_itemsize(TokenType t) {
   return 0;
 }
 
+// The numpy name of a token type ("uint16", ...).
+CPTFAST_HD inline const char* token_type_name(TokenType t) {
+  switch (t) {
+    case TokenType::kU8: return "uint8";
+    case TokenType::kI8: return "int8";
+    case TokenType::kI16: return "int16";
+    case TokenType::kU16: return "uint16";
+    case TokenType::kI32: return "int32";
+    case TokenType::kU32: return "uint32";
+    case TokenType::kI64: return "int64";
+  }
+  return "?";
+}
+
 // Reads token `i` of a packed token array as a signed 64-bit id.
 CPTFAST_HD inline int64_t load_token(const void* base, TokenType t, int64_t i) {
   switch (t) {

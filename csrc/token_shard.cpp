@@ -22,19 +22,6 @@ namespace {
   throw ShardError(msg.str());
 }
 
-const char* type_name(TokenType t) {
-  switch (t) {
-    case TokenType::kU8: return "uint8";
-    case TokenType::kI8: return "int8";
-    case TokenType::kI16: return "int16";
-    case TokenType::kU16: return "uint16";
-    case TokenType::kI32: return "int32";
-    case TokenType::kU32: return "uint32";
-    case TokenType::kI64: return "int64";
-  }
-  return "?";
-}
-
 template <typename T>
 int64_t max_of(const T* p, int64_t n) {
   T best = p[0];
@@ -287,7 +274,7 @@ std::unique_ptr<TokenShard> TokenShard::open_llmc(const std::string& path, int64
   const uint64_t expected = kLlmcHeaderBytes + static_cast<uint64_t>(count) * shard->itemsize();
   if (count <= 0 || size != expected) {
     fail(path, count <= 0 ? 8 : std::min(size, expected),
-         "header says " + std::to_string(count) + " " + type_name(shard->token_type_) +
+         "header says " + std::to_string(count) + " " + token_type_name(shard->token_type_) +
              " tokens, which needs " + std::to_string(expected) + " bytes, but the file has " +
              std::to_string(size),
          "The shard was truncated or its header is corrupt; re-create it.");
@@ -309,10 +296,10 @@ std::unique_ptr<TokenShard> TokenShard::open_headerless(const std::string& path,
   const int isz = shard->itemsize();
   if (size % isz != 0) {
     fail(path, size - size % isz,
-         "file size " + std::to_string(size) + " is not a whole number of " + type_name(type) +
+         "file size " + std::to_string(size) + " is not a whole number of " + token_type_name(type) +
              " tokens",
          "The file was truncated mid-token, or its token type is not " +
-             std::string(type_name(type)) + "; pass the dtype it was written with.");
+             std::string(token_type_name(type)) + "; pass the dtype it was written with.");
   }
   shard->num_tokens_ = static_cast<int64_t>(size / isz);
   shard->split_on_delimiter(eos_id, /*ends=*/true);
