@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cptfast.data.prep import DEFAULT_SHARD_TOKENS
 from cptfast.errors import ExtensionNotBuiltError, ShardFormatError
 
 # Errors that mean "the input or the set-up is wrong": shown as one line, not a traceback.
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSON field / parquet column (text)")
     p.add_argument("--split-lines", action="store_true",
                    help="one document per line of .txt files (default: one per file)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 28,
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help="start a new shard file after this many tokens (%(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="tokenizer processes (default: one per core)")

@@ -7,6 +7,7 @@ read-only numpy views, without copies.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,12 @@ class ShardDirectory:
     manifest: Manifest
     shards: list
 
+    def __post_init__(self):
+        # _first_document[k]: global number of shards[k]'s first document.
+        self._first_document = [0]
+        for shard in self.shards[:-1]:
+            self._first_document.append(self._first_document[-1] + len(shard))
+
     @property
     def num_documents(self) -> int:
         return self.manifest.documents
@@ -99,11 +106,8 @@ class ShardDirectory:
         if not -self.num_documents <= i < self.num_documents:
             raise IndexError(f"document {i} out of range for {self.num_documents} documents")
         i %= self.num_documents
-        for shard in self.shards:
-            if i < len(shard):
-                return shard.document(i)
-            i -= len(shard)
-        raise AssertionError("unreachable: manifest counts were checked at open")
+        k = bisect.bisect_right(self._first_document, i) - 1
+        return self.shards[k].document(i - self._first_document[k])
 
     def __iter__(self):
         for shard in self.shards:

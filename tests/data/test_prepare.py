@@ -128,7 +128,12 @@ def test_shards_close_once_they_reach_shard_tokens(tmp_path, tokenizer_dir):
     assert all(size >= 500 for size in sizes[:-1]) and 0 < sizes[-1]
     # A file closes at the first document that takes it to 500 tokens, not later.
     assert all(size - last < 500 for size, last in zip(sizes[:-1], last_docs[:-1]))
-    assert [d.tolist() for d in opened] == oracle_ids(tokenizer_dir, docs)
+    expected = oracle_ids(tokenizer_dir, docs)
+    assert [d.tolist() for d in opened] == expected
+    assert [opened.document(i).tolist() for i in range(len(opened))] == expected
+    assert opened.document(-1).tolist() == expected[-1]
+    with pytest.raises(IndexError):
+        opened.document(len(expected))
 
 
 def test_shard_boundary_exactly_at_shard_tokens(tmp_path, tokenizer_dir):
