@@ -4,10 +4,17 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "packed_loader.h"
 #include "token_shard.h"
 
 namespace py = pybind11;
+using cptfast::CompactBatch;
+using cptfast::CompactBatchView;
+using cptfast::ExpandedOutputs;
+using cptfast::MixState;
+using cptfast::PackedLoader;
 using cptfast::ShardKind;
+using cptfast::Source;
 using cptfast::TokenShard;
 using cptfast::TokenType;
 
@@ -40,6 +47,66 @@ py::array document_view(py::object self, int64_t i) {
                        base, self);
 }
 
+template <typename T>
+py::array vector_view(const std::vector<T>& values, py::handle owner) {
+  return readonly_view(py::dtype::of<T>(), static_cast<int64_t>(values.size()), values.data(),
+                       owner);
+}
+
+// A writable, C-contiguous int64 array of shape [rows, seq_len], or a ValueError naming it.
+int64_t* int64_output(py::array& a, const char* name, int64_t rows, int64_t seq_len) {
+  const bool ok = a.dtype().is(py::dtype::of<int64_t>()) && a.ndim() == 2 &&
+                  a.shape(0) == rows && a.shape(1) == seq_len && a.writeable() &&
+                  (a.flags() & py::array::c_style);
+  if (!ok) {
+    throw py::value_error(std::string(name) + " must be a writable C-contiguous int64 array of "
+                          "shape (" + std::to_string(rows) + ", " + std::to_string(seq_len) + ")");
+  }
+  return static_cast<int64_t*>(a.mutable_data());
+}
+
+py::tuple cu_seqlens_of(const CompactBatchView& v) {
+  py::array_t<int32_t> cu(cptfast::count_sequences(v) + 1);
+  const int64_t longest = cptfast::fill_cu_seqlens(v, cu.mutable_data());
+  return py::make_tuple(cu, longest);
+}
+
+void expand_into(const CompactBatchView& v, const ExpandedOutputs& out, bool by_token) {
+  py::gil_scoped_release release;
+  for (int64_t row = 0; row < v.rows; ++row) {
+    if (by_token) {
+      for (int64_t t = 0; t < v.seq_len; ++t) cptfast::expand_token(v, row, t, out);
+    } else {
+      cptfast::expand_row(v, row, out);
+    }
+  }
+}
+
+// Checks a compact batch given from Python (the loader's own batches are correct by
+// construction): segment starts rise from 0 inside the used slots of every row.
+void check_compact(const CompactBatchView& v, int64_t num_segments) {
+  if (v.row_segments[0] != 0 || v.row_segments[v.rows] != num_segments) {
+    throw py::value_error("row_segments must start at 0 and end at len(segment_starts)");
+  }
+  for (int64_t row = 0; row < v.rows; ++row) {
+    const int32_t first = v.row_segments[row], last = v.row_segments[row + 1];
+    const int32_t used = v.row_used[row];
+    if (used < 0 || used > v.seq_len + 1 || last < first || (used > 0) != (last > first)) {
+      throw py::value_error("row " + std::to_string(row) + ": row_used must lie in [0, T+1] and "
+                            "a row has segments exactly when it has tokens");
+    }
+    for (int32_t s = first; s < last; ++s) {
+      const int32_t start = v.segment_starts[s];
+      const bool bad = (s == first && start != 0) || (s > first && start <= v.segment_starts[s - 1]) ||
+                       start >= used;
+      if (bad) {
+        throw py::value_error("row " + std::to_string(row) + ": segment starts must rise from 0 "
+                              "and lie below row_used");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -55,7 +122,7 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
-  py::class_<TokenShard>(m, "TokenShard",
+  py::class_<TokenShard, std::shared_ptr<TokenShard>>(m, "TokenShard",
                          "A validated, memory-mapped token file; documents are zero-copy views.")
       .def_property_readonly("path", &TokenShard::path)
       .def_property_readonly("index_path",
@@ -113,4 +180,132 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("path"), py::arg("dtype"), py::arg("eos_id"),
         "Open a headerless token file; each eos_id token ends a document.");
+
+  // std::invalid_argument from the index and loader arrives in Python as ValueError.
+  py::class_<Source, std::shared_ptr<Source>>(m, "Source",
+                                              "The documents of several shard files, in order.")
+      .def(py::init<std::vector<std::shared_ptr<TokenShard>>>(), py::arg("shards"))
+      .def_property_readonly("num_documents", &Source::num_documents)
+      .def_property_readonly("num_tokens", &Source::num_tokens)
+      .def_property_readonly("dtype", [](const Source& s) {
+        return cptfast::token_type_name(s.token_type());
+      });
+
+  py::class_<CompactBatch>(m, "CompactBatch",
+                           "Rows of T+1 token slots with document boundaries; see packed_batch.h.")
+      .def_property_readonly("rows", [](const CompactBatch& b) { return b.rows; })
+      .def_property_readonly("seq_len", [](const CompactBatch& b) { return b.seq_len; })
+      .def_property_readonly("pad_id", [](const CompactBatch& b) { return b.pad_id; })
+      .def_property_readonly("tokens",
+                             [](py::object self) {
+                               auto& b = self.cast<CompactBatch&>();
+                               py::dtype dtype(cptfast::token_type_name(b.token_type));
+                               py::array flat = readonly_view(dtype, b.rows * (b.seq_len + 1),
+                                                              b.tokens.data(), self);
+                               return flat.attr("reshape")(b.rows, b.seq_len + 1);
+                             })
+      .def_property_readonly("row_used", [](py::object self) {
+        return vector_view(self.cast<CompactBatch&>().row_used, self);
+      })
+      .def_property_readonly("row_segments", [](py::object self) {
+        return vector_view(self.cast<CompactBatch&>().row_segments, self);
+      })
+      .def_property_readonly("segment_starts", [](py::object self) {
+        return vector_view(self.cast<CompactBatch&>().segment_starts, self);
+      })
+      .def_property_readonly("row_source", [](py::object self) {
+        return vector_view(self.cast<CompactBatch&>().row_source, self);
+      })
+      .def_property_readonly("global_row", [](py::object self) {
+        return vector_view(self.cast<CompactBatch&>().global_row, self);
+      })
+      .def_property_readonly("source_row", [](py::object self) {
+        return vector_view(self.cast<CompactBatch&>().source_row, self);
+      })
+      .def_property_readonly("state_after",
+                             [](const CompactBatch& b) {
+                               return py::make_tuple(b.state_after.global_row, b.state_after.rows,
+                                                     b.state_after.tokens);
+                             },
+                             "(global_row, rows per source, tokens per source) after this batch")
+      .def("expand_into",
+           [](const CompactBatch& b, py::array input_ids, py::array labels,
+              py::array position_ids) {
+             ExpandedOutputs out{int64_output(input_ids, "input_ids", b.rows, b.seq_len),
+                                 int64_output(labels, "labels", b.rows, b.seq_len),
+                                 int64_output(position_ids, "position_ids", b.rows, b.seq_len)};
+             expand_into(b.view(), out, false);
+           },
+           py::arg("input_ids"), py::arg("labels"), py::arg("position_ids"),
+           "Write the expanded batch into three int64 [rows, T] arrays.")
+      .def("cu_seqlens", [](const CompactBatch& b) { return cu_seqlens_of(b.view()); },
+           "(cu_seqlens int32 [sequences + 1], max_seqlen)");
+
+  py::class_<PackedLoader>(m, "PackedLoader")
+      .def(py::init([](std::vector<std::shared_ptr<Source>> sources, std::vector<double> weights,
+                       const std::string& packing, int64_t seq_len, int64_t batch_size,
+                       int64_t window, uint64_t seed, int64_t rank, int64_t world_size,
+                       int64_t num_threads, int64_t prefetch, int64_t pad_id,
+                       int64_t global_row, std::vector<int64_t> rows,
+                       std::vector<int64_t> tokens) {
+             cptfast::LoaderOptions options;
+             if (packing == "concat") options.packing = cptfast::Packing::kConcat;
+             else if (packing == "bestfit") options.packing = cptfast::Packing::kBestfit;
+             else throw py::value_error("packing must be 'concat' or 'bestfit', got '" + packing + "'");
+             options.seq_len = seq_len;
+             options.batch_size = batch_size;
+             options.window = window;
+             options.seed = seed;
+             options.rank = rank;
+             options.world_size = world_size;
+             options.num_threads = num_threads;
+             options.prefetch = prefetch;
+             options.pad_id = pad_id;
+             MixState start{global_row, std::move(rows), std::move(tokens)};
+             return std::make_unique<PackedLoader>(std::move(sources), std::move(weights), options,
+                                                   std::move(start));
+           }),
+           py::arg("sources"), py::arg("weights"), py::arg("packing"), py::arg("seq_len"),
+           py::arg("batch_size"), py::arg("window"), py::arg("seed"), py::arg("rank"),
+           py::arg("world_size"), py::arg("num_threads"), py::arg("prefetch"), py::arg("pad_id"),
+           py::arg("global_row") = 0, py::arg("rows") = std::vector<int64_t>{},
+           py::arg("tokens") = std::vector<int64_t>{})
+      .def("next", &PackedLoader::next, py::call_guard<py::gil_scoped_release>(),
+           "The next compact batch of this rank (waits for the background threads).")
+      .def("row_epoch", &PackedLoader::row_epoch, py::arg("source"), py::arg("row"),
+           py::call_guard<py::gil_scoped_release>(), "The epoch that a source's row starts in.");
+
+  m.def("expand_compact",
+        [](py::array tokens, py::array_t<int32_t, py::array::c_style | py::array::forcecast> row_used,
+           py::array_t<int32_t, py::array::c_style | py::array::forcecast> row_segments,
+           py::array_t<int32_t, py::array::c_style | py::array::forcecast> segment_starts,
+           int64_t pad_id, bool by_token) {
+          if (tokens.ndim() != 2 || !(tokens.flags() & py::array::c_style)) {
+            throw py::value_error("tokens must be a C-contiguous [rows, T+1] array");
+          }
+          const std::string kind = py::str(tokens.dtype());
+          TokenType type = parse_token_type(kind);
+          const int64_t rows = tokens.shape(0), seq_len = tokens.shape(1) - 1;
+          if (seq_len < 1 || row_used.size() != rows || row_segments.size() != rows + 1) {
+            throw py::value_error("row_used needs one entry per row and row_segments rows + 1");
+          }
+          CompactBatchView v{tokens.data(), type, rows, seq_len, row_used.data(),
+                             row_segments.data(), segment_starts.data(), pad_id};
+          check_compact(v, segment_starts.size());
+          py::array_t<int64_t> input_ids({rows, seq_len}), labels({rows, seq_len}),
+              position_ids({rows, seq_len});
+          // Poison the outputs so that a position the rule forgets cannot pass a test.
+          for (auto* a : {&input_ids, &labels, &position_ids}) {
+            std::fill(a->mutable_data(), a->mutable_data() + rows * seq_len, INT64_MIN);
+          }
+          expand_into(v, {input_ids.mutable_data(), labels.mutable_data(),
+                          position_ids.mutable_data()}, by_token);
+          py::tuple cu = cu_seqlens_of(v);
+          return py::make_tuple(input_ids, labels, position_ids, cu[0], cu[1]);
+        },
+        py::arg("tokens"), py::arg("row_used"), py::arg("row_segments"), py::arg("segment_starts"),
+        py::arg("pad_id") = 0, py::arg("by_token") = false,
+        "Expand a compact batch given as arrays (the CPU rule; by_token uses the per-token "
+        "search the CUDA kernel uses). Returns (input_ids, labels, position_ids, cu_seqlens, "
+        "max_seqlen).");
 }

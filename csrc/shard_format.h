@@ -79,6 +79,19 @@ CPTFAST_HD inline int64_t load_token(const void* base, TokenType t, int64_t i) {
   return -1;
 }
 
+// Writes `value` as token `i` of a packed token array of type t.
+CPTFAST_HD inline void store_token(void* base, TokenType t, int64_t i, int64_t value) {
+  switch (t) {
+    case TokenType::kU8: static_cast<uint8_t*>(base)[i] = static_cast<uint8_t>(value); return;
+    case TokenType::kI8: static_cast<int8_t*>(base)[i] = static_cast<int8_t>(value); return;
+    case TokenType::kI16: static_cast<int16_t*>(base)[i] = static_cast<int16_t>(value); return;
+    case TokenType::kU16: static_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(value); return;
+    case TokenType::kI32: static_cast<int32_t*>(base)[i] = static_cast<int32_t>(value); return;
+    case TokenType::kU32: static_cast<uint32_t*>(base)[i] = static_cast<uint32_t>(value); return;
+    case TokenType::kI64: static_cast<int64_t*>(base)[i] = value; return;
+  }
+}
+
 // Unaligned little-endian read of a fixed-size integer at `bytes + at` (all our targets are
 // little-endian, as the formats are).
 template <typename T>

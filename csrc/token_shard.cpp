@@ -130,7 +130,7 @@ void TokenShard::split_on_delimiter(int64_t delimiter, bool ends) {
   if (doc_offsets_.back() != num_tokens_) doc_offsets_.push_back(num_tokens_);
 }
 
-std::unique_ptr<TokenShard> TokenShard::open_megatron(const std::string& bin_path,
+std::shared_ptr<TokenShard> TokenShard::open_megatron(const std::string& bin_path,
                                                       const std::string& idx_path) {
   const char* fix_rebuild = "The index is corrupt or belongs to another .bin; rebuild the shard "
                             "with `cptfast prepare` (or Megatron's preprocess_data.py).";
@@ -151,7 +151,7 @@ std::unique_ptr<TokenShard> TokenShard::open_megatron(const std::string& bin_pat
          "unsupported index version " + std::to_string(version) + " (expected 1)", fix_rebuild);
   }
   const uint8_t code = b[kMMIdIdxDtypeAt];
-  auto shard = std::unique_ptr<TokenShard>(new TokenShard());
+  auto shard = std::shared_ptr<TokenShard>(new TokenShard());
   if (!mmidx_token_type(code, &shard->token_type_)) {
     fail(idx_path, kMMIdIdxDtypeAt,
          "dtype code " + std::to_string(code) + " is not an integer token type (expected 1, 2, 3, "
@@ -243,8 +243,8 @@ std::unique_ptr<TokenShard> TokenShard::open_megatron(const std::string& bin_pat
   return shard;
 }
 
-std::unique_ptr<TokenShard> TokenShard::open_llmc(const std::string& path, int64_t delimiter) {
-  auto shard = std::unique_ptr<TokenShard>(new TokenShard());
+std::shared_ptr<TokenShard> TokenShard::open_llmc(const std::string& path, int64_t delimiter) {
+  auto shard = std::shared_ptr<TokenShard>(new TokenShard());
   shard->kind_ = ShardKind::kLlmc;
   shard->tokens_file_ = std::make_shared<MappedFile>(path);
   const uint8_t* b = shard->tokens_file_->data();
@@ -286,9 +286,9 @@ std::unique_ptr<TokenShard> TokenShard::open_llmc(const std::string& path, int64
   return shard;
 }
 
-std::unique_ptr<TokenShard> TokenShard::open_headerless(const std::string& path, TokenType type,
+std::shared_ptr<TokenShard> TokenShard::open_headerless(const std::string& path, TokenType type,
                                                         int64_t eos_id) {
-  auto shard = std::unique_ptr<TokenShard>(new TokenShard());
+  auto shard = std::shared_ptr<TokenShard>(new TokenShard());
   shard->kind_ = ShardKind::kHeaderless;
   shard->token_type_ = type;
   shard->tokens_file_ = std::make_shared<MappedFile>(path);

@@ -57,11 +57,11 @@ class TokenShard {
   // Throws a ShardError naming the first token outside [0, vocab_size) and its byte offset.
   void check_token_range(int64_t vocab_size);
 
-  static std::unique_ptr<TokenShard> open_megatron(const std::string& bin_path,
+  static std::shared_ptr<TokenShard> open_megatron(const std::string& bin_path,
                                                    const std::string& idx_path);
   // delimiter < 0: the magic's own (GPT-2 end-of-text 50256, Llama-3 begin-of-text 128000).
-  static std::unique_ptr<TokenShard> open_llmc(const std::string& path, int64_t delimiter);
-  static std::unique_ptr<TokenShard> open_headerless(const std::string& path, TokenType type,
+  static std::shared_ptr<TokenShard> open_llmc(const std::string& path, int64_t delimiter);
+  static std::shared_ptr<TokenShard> open_headerless(const std::string& path, TokenType type,
                                                      int64_t eos_id);
 
  private:

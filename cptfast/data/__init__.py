@@ -1,4 +1,4 @@
-"""The data pipeline: `prepare` (text → token shards), shard readers, and (later) the packed loader."""
+"""The data pipeline: `prepare` (text → token shards), shard readers and the packed loader."""
 
 from cptfast.data.formats import Manifest, ShardFileInfo, TokenizerInfo
 from cptfast.data.prep import PrepareSummary, prepare
@@ -6,6 +6,14 @@ from cptfast.data.shards import ShardDirectory, open_shard, open_shards, verify
 from cptfast.errors import ShardFormatError
 
 __all__ = [
-    "Manifest", "PrepareSummary", "ShardDirectory", "ShardFileInfo", "ShardFormatError",
-    "TokenizerInfo", "open_shard", "open_shards", "prepare", "verify",
+    "Batch", "Manifest", "PackedLoader", "PrepareSummary", "ShardDirectory", "ShardFileInfo",
+    "ShardFormatError", "TokenizerInfo", "open_shard", "open_shards", "prepare", "verify",
 ]
+
+
+def __getattr__(name: str):
+    # The loader brings torch with it; `cptfast prepare` and its workers do not need it.
+    if name in ("Batch", "PackedLoader"):
+        from cptfast.data import loader
+        return getattr(loader, name)
+    raise AttributeError(f"module 'cptfast.data' has no attribute {name!r}")

@@ -1,0 +1,237 @@
+"""`PackedLoader`: shuffled, packed, mixed, rank-sharded, resumable batches.
+
+The index and the gathering run in C++ (``cptfast._C``): every rank computes the same blend of
+sources (seeded, token-weighted), takes every ``world_size``-th global row, and background
+threads copy those rows from the memory-mapped shards into compact batches (T+1 token slots per
+row plus document boundaries), which are then expanded into ``input_ids``, ``labels``,
+``position_ids``, ``cu_seqlens`` and ``max_seqlen``. The exact rules are written out in
+``cptfast/data/packing_reference.py``, the pure-numpy oracle the tests compare against.
+
+The data position is the global row (plus, per source, its row cursor and tokens taken, which
+follow from it): ``state_dict()`` after any batch, ``load_state_dict()`` on a loader with any
+``world_size``, and the stream continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cptfast._ext import extension
+from cptfast.data.shards import ShardDirectory, open_shards
+
+PACKINGS = ("concat", "bestfit")
+STATE_VERSION = 1
+
+
+@dataclass
+class Batch:
+    """One rank's batch of packed rows, ready for a model.
+
+    input_ids, labels, position_ids: int64 [batch_size, seq_len]; labels are the next token,
+    or -100 at the last position of every document and at padding; positions restart at 0 in
+    every document. cu_seqlens: int32 [sequences + 1], the document (and padding) boundaries
+    over the flattened batch; max_seqlen: the longest of those sequences. sources: int32
+    [batch_size], the source of each row; global_rows: int64 [batch_size].
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    sources: torch.Tensor
+    global_rows: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
+        moved = {name: getattr(self, name).to(device, non_blocking=non_blocking)
+                 for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "sources",
+                              "global_rows")}
+        return Batch(max_seqlen=self.max_seqlen, **moved)
+
+
+def expand(compact) -> Batch:
+    """Expand a ``cptfast._C.CompactBatch`` on the CPU (the rule of csrc/packed_batch.h)."""
+    shape = (compact.rows, compact.seq_len)
+    input_ids, labels, position_ids = (torch.empty(shape, dtype=torch.int64) for _ in range(3))
+    compact.expand_into(input_ids.numpy(), labels.numpy(), position_ids.numpy())
+    cu_seqlens, max_seqlen = compact.cu_seqlens()
+    return Batch(input_ids=input_ids, labels=labels, position_ids=position_ids,
+                 cu_seqlens=torch.from_numpy(cu_seqlens), max_seqlen=int(max_seqlen),
+                 sources=torch.from_numpy(np.array(compact.row_source)),
+                 global_rows=torch.from_numpy(np.array(compact.global_row)))
+
+
+def _open_source(spec, name: str) -> tuple[list, dict | None]:
+    """(readers, tokenizer facts or None) of one source given as a directory, opened
+    directory, or list of shard files / readers."""
+    if isinstance(spec, ShardDirectory):
+        opened = spec
+    elif isinstance(spec, (str, Path)):
+        opened = open_shards(spec)
+    elif isinstance(spec, Sequence) and spec:
+        from cptfast.data.shards import open_shard
+        return [s if hasattr(s, "document_offsets") else open_shard(s) for s in spec], None
+    else:
+        raise ValueError(f"source {name!r}: expected a shard directory, a ShardDirectory or a "
+                         f"non-empty list of shard files, got {spec!r}")
+    tokenizer = opened.manifest.tokenizer
+    return opened.shards, {"vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256,
+                           "eos_id": tokenizer.eos_id, "path": str(opened.path)}
+
+
+class PackedLoader:
+    """Endless iterator of :class:`Batch` for one rank.
+
+    Args:
+        sources: shard directories (or ``ShardDirectory`` objects, or lists of shard files),
+            as a list or as a ``{name: source}`` mapping.
+        seq_len: T, tokens per row (>= 2).
+        batch_size: rows per batch on this rank (the global batch is ``batch_size *
+            world_size`` rows).
+        weights: mixture weights per source, counted in tokens (default: equal); a list in
+            source order or a ``{name: weight}`` mapping.
+        packing: ``"concat"`` (documents end to end, cut into rows; no padding; every token
+            but a document's first is a label exactly once per epoch) or ``"bestfit"``
+            (best-fit-decreasing within ``window`` documents; no truncation but pieces of
+            documents longer than T; padding counted).
+        seed: one seed for all ranks; each source's epoch e is shuffled by (seed, source, e).
+        rank, world_size: this rank takes global rows g with g % world_size == rank.
+        num_threads: background gathering threads (0: gather in ``__next__``).
+        device: where batches go (expanded on the CPU, then copied; default CPU).
+        pad_id: token at padding positions (default: the tokenizer's EOS, else 0).
+    """
+
+    def __init__(self, sources, seq_len: int, batch_size: int, *, weights=None,
+                 packing: str = "concat", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_threads: int = 2, device: str | torch.device | None = None,
+                 window: int = 1024, prefetch: int = 4, pad_id: int | None = None):
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2 (one input and its label), got {seq_len}")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got "
+                             f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if isinstance(sources, Mapping):
+            self.source_names = [str(name) for name in sources]
+            specs = list(sources.values())
+        else:
+            specs = list(sources)
+            self.source_names = [Path(s).name if isinstance(s, (str, Path)) else f"source{i}"
+                                 for i, s in enumerate(specs)]
+        if not specs:
+            raise ValueError("PackedLoader needs at least one source")
+        if len(set(self.source_names)) != len(self.source_names):
+            raise ValueError(f"source names must be unique, got {self.source_names}; pass a "
+                             "{name: directory} mapping")
+        self.weights = self._weights(weights)
+
+        C = extension()
+        self._sources, facts = [], []
+        for name, spec in zip(self.source_names, specs):
+            readers, tokenizer = _open_source(spec, name)
+            try:
+                self._sources.append(C.Source(readers))
+            except ValueError as error:
+                raise ValueError(f"source {name!r}: {error}") from None
+            facts.append(tokenizer)
+        known = [(n, f) for n, f in zip(self.source_names, facts) if f is not None]
+        for name, fact in known[1:]:
+            first_name, first = known[0]
+            if (fact["vocab_size"], fact["sha256"]) != (first["vocab_size"], first["sha256"]):
+                raise ValueError(
+                    f"source {name!r} ({fact['path']}) was tokenized with a different tokenizer "
+                    f"(vocab {fact['vocab_size']}) than {first_name!r} ({first['path']}, vocab "
+                    f"{first['vocab_size']}); prepare every source with the model's tokenizer")
+        if pad_id is None:
+            pad_id = next((f["eos_id"] for _, f in known if f["eos_id"] is not None), 0)
+
+        self.seq_len, self.batch_size, self.packing, self.seed = seq_len, batch_size, packing, seed
+        self.rank, self.world_size, self.window, self.pad_id = rank, world_size, window, pad_id
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._state = (0, [0] * len(specs), [0] * len(specs))
+        self._loader = self._start(self._state)
+
+    def _weights(self, weights) -> list[float]:
+        if weights is None:
+            return [1.0] * len(self.source_names)
+        if isinstance(weights, Mapping):
+            unknown = set(weights) - set(self.source_names)
+            if unknown:
+                raise ValueError(f"weights name unknown sources {sorted(unknown)}; sources are "
+                                 f"{self.source_names}")
+            weights = [weights.get(name, 0.0) for name in self.source_names]
+        weights = [float(w) for w in weights]
+        if len(weights) != len(self.source_names):
+            raise ValueError(f"got {len(weights)} weights for {len(self.source_names)} sources")
+        if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be finite, non-negative and sum to a positive "
+                             f"number, got {weights}")
+        return weights
+
+    def _start(self, state):
+        global_row, rows, tokens = state
+        return extension().PackedLoader(
+            self._sources, self.weights, self.packing, self.seq_len, self.batch_size, self.window,
+            self.seed, self.rank, self.world_size, self.num_threads, self.prefetch, self.pad_id,
+            global_row, list(rows), list(tokens))
+
+    def __iter__(self):
+        return self
+
+    def next_compact(self):
+        """The next compact batch (``cptfast._C.CompactBatch``), without expanding it."""
+        compact = self._loader.next()
+        self._state = compact.state_after
+        return compact
+
+    def __next__(self) -> Batch:
+        batch = expand(self.next_compact())
+        if self.device.type != "cpu":
+            batch = batch.to(self.device, non_blocking=True)
+        return batch
+
+    # ---- resumption and reporting ------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The data position after the last batch returned (valid on any world size)."""
+        global_row, rows, tokens = self._state
+        return {"version": STATE_VERSION, "global_row": int(global_row), "rows": list(rows),
+                "tokens": list(tokens), "seed": self.seed, "packing": self.packing,
+                "seq_len": self.seq_len, "window": self.window, "sources": self.source_names,
+                "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; the sources, seed, packing and seq_len must match."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not "
+                             f"{STATE_VERSION}")
+        for key in ("seed", "packing", "seq_len", "window", "sources"):
+            if state[key] != getattr(self, "source_names" if key == "sources" else key):
+                raise ValueError(
+                    f"loader state has {key}={state[key]!r} but this loader has "
+                    f"{getattr(self, 'source_names' if key == 'sources' else key)!r}; resuming "
+                    "would read a different stream")
+        self._loader = None  # stop the old threads before starting new ones
+        self._state = (state["global_row"], list(state["rows"]), list(state["tokens"]))
+        self._loader = self._start(self._state)
+
+    def report(self) -> list[dict]:
+        """Per source: rows and tokens taken so far, their share, and the current epoch."""
+        global_row, rows, tokens = self._state
+        total = sum(tokens) or 1
+        return [{"source": name, "rows": r, "tokens": t, "share": t / total,
+                 "target_share": w / sum(self.weights),
+                 "epoch": self._loader.row_epoch(s, r)}
+                for s, (name, r, t, w) in enumerate(zip(self.source_names, rows, tokens,
+                                                        self.weights))]

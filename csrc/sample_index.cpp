@@ -1,0 +1,225 @@
+#include "sample_index.h"
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+#include <stdexcept>
+
+#include "splitmix.h"
+
+namespace cptfast {
+
+Source::Source(std::vector<std::shared_ptr<TokenShard>> shards) : shards_(std::move(shards)) {
+  if (shards_.empty()) throw std::invalid_argument("a source needs at least one shard file");
+  token_type_ = shards_[0]->token_type();
+  first_doc_.push_back(0);
+  for (const auto& shard : shards_) {
+    if (shard->token_type() != token_type_) {
+      throw std::invalid_argument(
+          shard->path() + " holds " + token_type_name(shard->token_type()) + " tokens but " +
+          shards_[0]->path() + " holds " + token_type_name(token_type_) +
+          "; all files of a source must share one token type (re-run `cptfast prepare`)");
+    }
+    const auto& offsets = shard->document_offsets();
+    for (size_t d = 0; d + 1 < offsets.size(); ++d) {
+      const int64_t length = offsets[d + 1] - offsets[d];
+      if (length > INT32_MAX) {
+        throw std::invalid_argument(shard->path() + ": document " + std::to_string(d) +
+                                    " has more than 2^31 - 1 tokens");
+      }
+      lengths_.push_back(static_cast<int32_t>(length));
+    }
+    num_tokens_ += shard->num_tokens();
+    first_doc_.push_back(static_cast<int64_t>(lengths_.size()));
+  }
+  if (lengths_.size() >= (1ull << 32)) {
+    throw std::invalid_argument("a source may hold at most 2^32 - 1 documents; split it");
+  }
+  if (num_tokens_ == 0) {
+    throw std::invalid_argument("source " + shards_[0]->path() +
+                                " has no tokens (every document is empty)");
+  }
+}
+
+const uint8_t* Source::data(int64_t doc) const {
+  const size_t k = std::upper_bound(first_doc_.begin(), first_doc_.end(), doc) - first_doc_.begin() - 1;
+  const auto& shard = shards_[k];
+  const int64_t offset = shard->document_offsets()[doc - first_doc_[k]];
+  return static_cast<const uint8_t*>(shard->tokens()) + offset * shard->itemsize();
+}
+
+std::shared_ptr<Epoch> build_concat_epoch(const Source& src, uint64_t seed, uint64_t source_id,
+                                          uint64_t epoch) {
+  auto out = std::make_shared<Epoch>();
+  const int64_t n = src.num_documents();
+  out->order = shuffled_indices<uint32_t>(n, stream_state(seed, source_id, epoch, 0));
+  out->stream_start.resize(n + 1);
+  int64_t position = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    out->stream_start[k] = position;
+    position += src.length(out->order[k]);
+  }
+  out->stream_start[n] = position;
+  return out;
+}
+
+std::shared_ptr<Epoch> build_bestfit_epoch(const Source& src, int64_t seq_len, int64_t window,
+                                           uint64_t seed, uint64_t source_id, uint64_t epoch) {
+  auto out = std::make_shared<Epoch>();
+  const int64_t n = src.num_documents();
+  const auto order = shuffled_indices<uint32_t>(n, stream_state(seed, source_id, epoch, 0));
+  out->row_first.push_back(0);
+  std::vector<Piece> pieces;
+  std::vector<std::vector<Piece>> rows;
+  std::set<std::pair<int64_t, int64_t>> open;  // (remaining capacity, row id)
+  for (int64_t w = 0; w * window < n; ++w) {
+    pieces.clear();
+    for (int64_t k = w * window; k < std::min(n, (w + 1) * window); ++k) {
+      const uint32_t doc = order[k];
+      const int64_t length = src.length(doc);
+      for (int64_t start = 0; start < length; start += seq_len) {
+        pieces.push_back({doc, static_cast<int32_t>(start),
+                          static_cast<int32_t>(std::min(seq_len, length - start))});
+      }
+    }
+    // Best-fit decreasing: longest first (stable), each into the fullest row it fits.
+    std::stable_sort(pieces.begin(), pieces.end(),
+                     [](const Piece& a, const Piece& b) { return a.length > b.length; });
+    rows.clear();
+    open.clear();
+    for (const Piece& piece : pieces) {
+      auto fit = open.lower_bound({piece.length, INT64_MIN});
+      int64_t row, remaining;
+      if (fit == open.end()) {
+        row = static_cast<int64_t>(rows.size());
+        rows.emplace_back();
+        remaining = seq_len - piece.length;
+      } else {
+        row = fit->second;
+        remaining = fit->first - piece.length;
+        open.erase(fit);
+      }
+      rows[row].push_back(piece);
+      if (remaining > 0) open.insert({remaining, row});
+    }
+    const auto emitted = shuffled_indices<uint32_t>(rows.size(),
+                                                    stream_state(seed, source_id, epoch, 1 + w));
+    for (uint32_t r : emitted) {
+      out->pieces.insert(out->pieces.end(), rows[r].begin(), rows[r].end());
+      out->row_first.push_back(static_cast<int64_t>(out->pieces.size()));
+    }
+  }
+  return out;
+}
+
+SourceStream::SourceStream(std::shared_ptr<Source> source, uint64_t source_id, Packing packing,
+                           int64_t seq_len, int64_t window, uint64_t seed)
+    : source_(std::move(source)), source_id_(source_id), packing_(packing), seq_len_(seq_len),
+      window_(window), seed_(seed) {}
+
+std::shared_ptr<const Epoch> SourceStream::epoch(int64_t e) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = cache_.find(e);
+  if (found != cache_.end()) return found->second;
+  std::shared_ptr<const Epoch> built =
+      packing_ == Packing::kConcat
+          ? build_concat_epoch(*source_, seed_, source_id_, e)
+          : build_bestfit_epoch(*source_, seq_len_, window_, seed_, source_id_, e);
+  cache_[e] = built;
+  // A few epochs stay built (a batch can straddle a boundary); readers hold their own reference.
+  while (cache_.size() > 4) cache_.erase(cache_.begin()->first == e ? std::next(cache_.begin())
+                                                                     : cache_.begin());
+  return built;
+}
+
+std::pair<int64_t, int64_t> SourceStream::locate_bestfit_row(int64_t r) {
+  while (true) {
+    int64_t next_epoch;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto& first = bestfit_epoch_first_row_;
+      if (r < first.back()) {
+        const int64_t e = std::upper_bound(first.begin(), first.end(), r) - first.begin() - 1;
+        return {e, r - first[e]};
+      }
+      next_epoch = static_cast<int64_t>(first.size()) - 1;
+    }
+    const int64_t rows = epoch(next_epoch)->num_rows();
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (static_cast<int64_t>(bestfit_epoch_first_row_.size()) - 1 == next_epoch) {
+      bestfit_epoch_first_row_.push_back(bestfit_epoch_first_row_.back() + rows);
+    }
+  }
+}
+
+int64_t SourceStream::row_tokens(int64_t r) {
+  if (packing_ == Packing::kConcat) return seq_len_;
+  const auto [e, i] = locate_bestfit_row(r);
+  const auto ep = epoch(e);
+  int64_t total = 0;
+  for (int64_t p = ep->row_first[i]; p < ep->row_first[i + 1]; ++p) total += ep->pieces[p].length;
+  return total;
+}
+
+int64_t SourceStream::row_epoch(int64_t r) {
+  if (packing_ == Packing::kConcat) return r * seq_len_ / source_->num_tokens();
+  return locate_bestfit_row(r).first;
+}
+
+int32_t SourceStream::fill_row(int64_t r, const RowSink& sink, int64_t pad_id) {
+  const TokenType type = source_->token_type();
+  const int64_t isz = token_itemsize(type);
+  const int64_t slots = seq_len_ + 1;
+  int64_t filled = 0;
+  sink.segment_starts->push_back(0);
+  if (packing_ == Packing::kConcat) {
+    const int64_t per_epoch = source_->num_tokens();
+    int64_t position = r * seq_len_;
+    std::shared_ptr<const Epoch> ep;
+    int64_t ep_number = -1;
+    while (filled < slots) {
+      const int64_t e = position / per_epoch, within = position % per_epoch;
+      if (e != ep_number) ep = epoch(ep_number = e);
+      const auto& starts = ep->stream_start;
+      const int64_t k = std::upper_bound(starts.begin(), starts.end(), within) - starts.begin() - 1;
+      const uint32_t doc = ep->order[k];
+      const int64_t offset = within - starts[k];
+      if (offset == 0 && filled > 0) sink.segment_starts->push_back(static_cast<int32_t>(filled));
+      const int64_t n = std::min<int64_t>(source_->length(doc) - offset, slots - filled);
+      std::memcpy(sink.tokens + filled * isz, source_->data(doc) + offset * isz, n * isz);
+      filled += n;
+      position += n;
+    }
+    return static_cast<int32_t>(filled);
+  }
+  const auto [e, i] = locate_bestfit_row(r);
+  const auto ep = epoch(e);
+  for (int64_t p = ep->row_first[i]; p < ep->row_first[i + 1]; ++p) {
+    const Piece& piece = ep->pieces[p];
+    if (filled > 0) sink.segment_starts->push_back(static_cast<int32_t>(filled));
+    std::memcpy(sink.tokens + filled * isz, source_->data(piece.doc) + int64_t{piece.start} * isz,
+                int64_t{piece.length} * isz);
+    filled += piece.length;
+  }
+  for (int64_t t = filled; t < slots; ++t) store_token(sink.tokens, type, t, pad_id);
+  return static_cast<int32_t>(filled);
+}
+
+int pick_source(const std::vector<double>& probabilities, const MixState& state) {
+  int64_t total = 0;
+  for (int64_t t : state.tokens) total += t;
+  int best = -1;
+  double best_deficit = 0;
+  for (size_t s = 0; s < probabilities.size(); ++s) {
+    if (!(probabilities[s] > 0)) continue;
+    const double deficit = probabilities[s] * static_cast<double>(total) -
+                           static_cast<double>(state.tokens[s]);
+    if (best < 0 || deficit > best_deficit) {
+      best = static_cast<int>(s);
+      best_deficit = deficit;
+    }
+  }
+  return best;
+}
+
+}  // namespace cptfast

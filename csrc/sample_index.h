@@ -1,0 +1,108 @@
+// The sample index: from (sources, T, seed, epoch) to shuffled, packed rows, and the
+// deterministic token-weighted blend of several sources into one global stream of rows.
+// The exact rules (shared with the numpy oracle) are in cptfast/data/packing_reference.py.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "token_shard.h"
+
+namespace cptfast {
+
+enum class Packing { kConcat, kBestfit };
+
+// The documents of one source: the shards' documents in order, numbered 0..num_documents-1.
+class Source {
+ public:
+  explicit Source(std::vector<std::shared_ptr<TokenShard>> shards);
+  int64_t num_documents() const { return static_cast<int64_t>(lengths_.size()); }
+  int64_t num_tokens() const { return num_tokens_; }
+  TokenType token_type() const { return token_type_; }
+  int64_t length(int64_t doc) const { return lengths_[doc]; }
+  // Pointer to the first token of `doc` (inside the shard's memory map).
+  const uint8_t* data(int64_t doc) const;
+
+ private:
+  std::vector<std::shared_ptr<TokenShard>> shards_;
+  std::vector<int64_t> first_doc_;  // [shards + 1]
+  std::vector<int32_t> lengths_;
+  int64_t num_tokens_ = 0;
+  TokenType token_type_ = TokenType::kU16;
+};
+
+// One piece of a document placed in a row: tokens [start, start + length) of `doc`.
+struct Piece {
+  uint32_t doc;
+  int32_t start;
+  int32_t length;
+};
+
+// What one epoch of one source packs into.
+struct Epoch {
+  // concat: document order and where each begins in the epoch's token stream ([D + 1]).
+  std::vector<uint32_t> order;
+  std::vector<int64_t> stream_start;
+  // bestfit: rows as runs of pieces: row r holds pieces[row_first[r] .. row_first[r + 1]).
+  std::vector<int64_t> row_first;
+  std::vector<Piece> pieces;
+  int64_t num_rows() const { return static_cast<int64_t>(row_first.size()) - 1; }
+};
+
+std::shared_ptr<Epoch> build_concat_epoch(const Source& src, uint64_t seed, uint64_t source_id,
+                                          uint64_t epoch);
+std::shared_ptr<Epoch> build_bestfit_epoch(const Source& src, int64_t seq_len, int64_t window,
+                                           uint64_t seed, uint64_t source_id, uint64_t epoch);
+
+// Fills one compact row: `tokens` has seq_len + 1 slots of the source's token type; segment
+// starts are appended to `segment_starts`. Returns the number of used slots.
+struct RowSink {
+  uint8_t* tokens;
+  std::vector<int32_t>* segment_starts;
+};
+
+// The endless row stream of one source across epochs (each epoch reshuffled), with a small
+// cache of built epochs. Thread-safe.
+class SourceStream {
+ public:
+  SourceStream(std::shared_ptr<Source> source, uint64_t source_id, Packing packing,
+               int64_t seq_len, int64_t window, uint64_t seed);
+  // Tokens row r contributes to the mixture (T for concat, its real tokens for bestfit).
+  int64_t row_tokens(int64_t r);
+  // The epoch that row r starts in.
+  int64_t row_epoch(int64_t r);
+  int32_t fill_row(int64_t r, const RowSink& sink, int64_t pad_id);
+  const Source& source() const { return *source_; }
+
+ private:
+  std::shared_ptr<const Epoch> epoch(int64_t e);
+  // bestfit: (epoch, row within it) of source row r, building epochs as needed.
+  std::pair<int64_t, int64_t> locate_bestfit_row(int64_t r);
+
+  std::shared_ptr<Source> source_;
+  uint64_t source_id_;
+  Packing packing_;
+  int64_t seq_len_, window_;
+  uint64_t seed_;
+  std::mutex mutex_;
+  std::map<int64_t, std::shared_ptr<const Epoch>> cache_;
+  std::vector<int64_t> bestfit_epoch_first_row_{0};  // cumulative rows of epochs 0..k-1
+};
+
+// Position in the blended stream: the next global row and, per source, the next row and the
+// tokens taken so far. This (with the seed) is the whole resumable state of the data.
+struct MixState {
+  int64_t global_row = 0;
+  std::vector<int64_t> rows;
+  std::vector<int64_t> tokens;
+};
+
+// Picks the source of the next global row: the largest deficit p_s * total - tokens_s among
+// sources of positive weight, the lowest index on ties.
+int pick_source(const std::vector<double>& probabilities, const MixState& state);
+
+}  // namespace cptfast
