@@ -5,6 +5,9 @@
 #include <pybind11/stl.h>
 
 #include "packed_loader.h"
+#if CPTFAST_WITH_CUDA
+#include "expand_batch.h"
+#endif
 #include "token_shard.h"
 
 namespace py = pybind11;
@@ -274,6 +277,25 @@ PYBIND11_MODULE(_C, m) {
            "The next compact batch of this rank (waits for the background threads).")
       .def("row_epoch", &PackedLoader::row_epoch, py::arg("source"), py::arg("row"),
            py::call_guard<py::gil_scoped_release>(), "The epoch that a source's row starts in.");
+
+  m.attr("has_cuda") = py::bool_(CPTFAST_WITH_CUDA != 0);
+#if CPTFAST_WITH_CUDA
+  // Device pointers arrive as integers (tensor.data_ptr()) so this file needs no torch headers.
+  m.def("expand_on_device",
+        [](uintptr_t tokens, const std::string& dtype, int64_t rows, int64_t seq_len,
+           uintptr_t row_used, uintptr_t row_segments, uintptr_t segment_starts, int64_t pad_id,
+           uintptr_t input_ids, uintptr_t labels, uintptr_t position_ids, uintptr_t stream) {
+          CompactBatchView v{reinterpret_cast<const void*>(tokens), parse_token_type(dtype), rows,
+                             seq_len, reinterpret_cast<const int32_t*>(row_used),
+                             reinterpret_cast<const int32_t*>(row_segments),
+                             reinterpret_cast<const int32_t*>(segment_starts), pad_id};
+          ExpandedOutputs out{reinterpret_cast<int64_t*>(input_ids),
+                              reinterpret_cast<int64_t*>(labels),
+                              reinterpret_cast<int64_t*>(position_ids)};
+          cptfast::launch_expand_batch(v, out, reinterpret_cast<void*>(stream));
+        },
+        "Launch the CUDA expansion of a compact batch whose arrays are on the device.");
+#endif
 
   m.def("expand_compact",
         [](py::array tokens, py::array_t<int32_t, py::array::c_style | py::array::forcecast> row_used,

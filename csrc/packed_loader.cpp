@@ -62,15 +62,19 @@ PackedLoader::Plan PackedLoader::plan_next() {
   Plan plan;
   plan.index = next_to_plan_++;
   // Walk every global row of this step (all ranks' rows: the blend is global), keep ours.
+  std::vector<int64_t> next_row_tokens(streams_.size(), 0);
   for (int64_t i = 0; i < world * per_rank; ++i) {
-    const int s = pick_source(probabilities_, planned_);
+    for (size_t s = 0; s < streams_.size(); ++s) {
+      if (probabilities_[s] > 0) next_row_tokens[s] = streams_[s]->row_tokens(planned_.rows[s]);
+    }
+    const int s = pick_source(probabilities_, planned_, next_row_tokens);
     const int64_t row = planned_.rows[s]++;
     if (i % world == options_.rank) {
       plan.source.push_back(s);
       plan.source_row.push_back(row);
       plan.global_row.push_back(planned_.global_row);
     }
-    planned_.tokens[s] += streams_[s]->row_tokens(row);
+    planned_.tokens[s] += next_row_tokens[s];
     planned_.global_row += 1;
   }
   plan.state_after = planned_;

@@ -205,15 +205,27 @@ int32_t SourceStream::fill_row(int64_t r, const RowSink& sink, int64_t pad_id) {
   return static_cast<int32_t>(filled);
 }
 
-int pick_source(const std::vector<double>& probabilities, const MixState& state) {
-  int64_t total = 0;
-  for (int64_t t : state.tokens) total += t;
+int pick_source(const std::vector<double>& probabilities, const MixState& state,
+                const std::vector<int64_t>& next_row_tokens) {
+  int64_t sum = 0;
+  for (int64_t t : state.tokens) sum += t;
+  const double total = static_cast<double>(sum);
   int best = -1;
-  double best_deficit = 0;
+  double best_deadline = 0;
+  for (size_t s = 0; s < probabilities.size(); ++s) {
+    const double p = probabilities[s];
+    if (!(p > 0) || static_cast<double>(state.tokens[s]) > p * total) continue;
+    const double deadline = static_cast<double>(state.tokens[s] + next_row_tokens[s]) / p;
+    if (best < 0 || deadline < best_deadline) {
+      best = static_cast<int>(s);
+      best_deadline = deadline;
+    }
+  }
+  if (best >= 0) return best;
+  double best_deficit = 0;  // only reachable through rounding
   for (size_t s = 0; s < probabilities.size(); ++s) {
     if (!(probabilities[s] > 0)) continue;
-    const double deficit = probabilities[s] * static_cast<double>(total) -
-                           static_cast<double>(state.tokens[s]);
+    const double deficit = probabilities[s] * total - static_cast<double>(state.tokens[s]);
     if (best < 0 || deficit > best_deficit) {
       best = static_cast<int>(s);
       best_deficit = deficit;

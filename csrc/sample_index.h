@@ -101,8 +101,11 @@ struct MixState {
   std::vector<int64_t> tokens;
 };
 
-// Picks the source of the next global row: the largest deficit p_s * total - tokens_s among
-// sources of positive weight, the lowest index on ties.
-int pick_source(const std::vector<double>& probabilities, const MixState& state);
+// Picks the source of the next global row: among sources of positive weight at or below their
+// token share (tokens_s <= p_s * total), the earliest deadline (tokens_s + next_row_tokens_s) /
+// p_s, the lowest index on ties; if rounding leaves none eligible, the largest p_s * total -
+// tokens_s. Earliest-deadline-first over released rows keeps every share within one row.
+int pick_source(const std::vector<double>& probabilities, const MixState& state,
+                const std::vector<int64_t>& next_row_tokens);
 
 }  // namespace cptfast

@@ -26,3 +26,19 @@ def test_cuda_sources_compile(tmp_path, source, arch):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.o").stat().st_size > 0
+
+
+def test_bindings_compile_with_the_cuda_branch():
+    # The CUDA-only part of bindings.cpp is never built on a CPU machine; check it compiles.
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in [ROOT / "csrc", sysconfig.get_paths()["include"], *include_paths()]]
+    result = subprocess.run(
+        [compiler, "-std=c++17", "-fsyntax-only", "-DCPTFAST_WITH_CUDA=1", *includes,
+         str(ROOT / "csrc" / "bindings.cpp")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -70,6 +70,38 @@ def expand(compact) -> Batch:
                  global_rows=torch.from_numpy(np.array(compact.global_row)))
 
 
+def expand_on_device(compact, device: torch.device) -> Batch:
+    """Copy a compact batch to a CUDA device (2-4 bytes per token) and expand it there with the
+    kernel of csrc/expand_batch.cu. Needs the extension built with CUDA."""
+    C = extension()
+    if not C.has_cuda:
+        raise RuntimeError("cptfast._C was built without CUDA; rebuild it with a CUDA torch and "
+                           "nvcc (`CPTFAST_CUDA=1 pip install --no-build-isolation -e .`)")
+
+    def staged(array: np.ndarray) -> torch.Tensor:  # via pinned memory: the copy is async
+        pinned = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype.name], pin_memory=True)
+        pinned.numpy()[...] = array
+        return pinned.to(device, non_blocking=True)
+
+    tokens, used = staged(compact.tokens), staged(compact.row_used)
+    row_segments, starts = staged(compact.row_segments), staged(compact.segment_starts)
+    shape = (compact.rows, compact.seq_len)
+    input_ids, labels, position_ids = (torch.empty(shape, dtype=torch.int64, device=device)
+                                       for _ in range(3))
+    C.expand_on_device(tokens.data_ptr(), compact.tokens.dtype.name, compact.rows,
+                       compact.seq_len, used.data_ptr(), row_segments.data_ptr(),
+                       starts.data_ptr(), compact.pad_id, input_ids.data_ptr(), labels.data_ptr(),
+                       position_ids.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+    cu_seqlens, max_seqlen = compact.cu_seqlens()  # from host metadata: no device sync
+    return Batch(input_ids=input_ids, labels=labels, position_ids=position_ids,
+                 cu_seqlens=staged(cu_seqlens), max_seqlen=int(max_seqlen),
+                 sources=staged(compact.row_source), global_rows=staged(compact.global_row))
+
+
+_TORCH_DTYPES = {"uint16": torch.uint16, "uint32": torch.uint32, "int32": torch.int32,
+                 "int64": torch.int64}
+
+
 def _open_source(spec, name: str) -> tuple[list, dict | None]:
     """(readers, tokenizer facts or None) of one source given as a directory, opened
     directory, or list of shard files / readers."""
@@ -106,7 +138,8 @@ class PackedLoader:
         seed: one seed for all ranks; each source's epoch e is shuffled by (seed, source, e).
         rank, world_size: this rank takes global rows g with g % world_size == rank.
         num_threads: background gathering threads (0: gather in ``__next__``).
-        device: where batches go (expanded on the CPU, then copied; default CPU).
+        device: where batches go (default CPU). On CUDA, with the extension built with CUDA,
+            the compact batch is copied (2-4 bytes per token) and expanded on the device.
         pad_id: token at padding positions (default: the tokenizer's EOS, else 0).
     """
 
@@ -196,10 +229,11 @@ class PackedLoader:
         return compact
 
     def __next__(self) -> Batch:
-        batch = expand(self.next_compact())
-        if self.device.type != "cpu":
-            batch = batch.to(self.device, non_blocking=True)
-        return batch
+        compact = self.next_compact()
+        if self.device.type == "cuda" and extension().has_cuda:
+            return expand_on_device(compact, self.device)
+        batch = expand(compact)
+        return batch if self.device.type == "cpu" else batch.to(self.device)
 
     # ---- resumption and reporting ------------------------------------------------------------
 

@@ -28,9 +28,13 @@ SPEC (condensed; "mod 2^64" arithmetic is done on Python ints masked to 64 bits)
    rows[perm[0]], rows[perm[1]], ... with perm = shuffle(R_w, stream_state(seed, s, e, 1 + w)).
    Epoch rows = windows concatenated; source rows = epochs concatenated. tokens = pieces in
    append order; used = total length; segment_starts = each piece's start slot; token_count = used.
-6. Mixture. p_s = w_s / sum(w) (float64; weights >= 0, sum > 0). For global row g = 0, 1, ...:
-   among sources with p_s > 0 pick s maximizing float64 (p_s * total - tokens_s), ties -> lowest
-   s; global row g = source s's row rows_s; then rows_s += 1, tokens_s and total += token_count.
+6. Mixture. p_s = w_s / sum(w) (float64; weights >= 0, sum > 0). For global row g = 0, 1, ...,
+   among sources with p_s > 0: the eligible ones are those at or below their share,
+   float(tokens_s) <= p_s * float(total); pick the eligible s with the earliest deadline
+   float(tokens_s + L_s) / p_s (L_s = token_count of s's next row), ties -> lowest s (earliest
+   deadline first among released rows keeps every share within one row of its target). If
+   rounding leaves none eligible, pick the largest p_s * total - tokens_s instead. Global row g
+   = source s's row rows_s; then rows_s += 1, tokens_s and total += token_count.
 7. Distribution. Batch k of rank r (world W, batch B) = global rows k*W*B + j*W + r, j = 0..B-1.
 8. Expansion to [B, T]: for t < used, with the segment [start, end) containing t (end = next
    start or used): input_ids = tokens[t], position_ids = t - start, labels = tokens[t+1] if
@@ -365,13 +369,7 @@ class ReferenceStream:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         while len(self._choices) < n:
-            best, best_value = -1, 0.0
-            for s, p in enumerate(self.probs):
-                if p <= 0.0:
-                    continue
-                value = p * float(self._blend_total) - float(self._blend_tokens[s])
-                if best < 0 or value > best_value:  # strict: ties keep the lowest s
-                    best, best_value = s, value
+            best = self._pick_source()
             r = self._blend_rows[best]
             count = self._token_count(best, r)
             self._choices.append((best, r))
@@ -379,6 +377,27 @@ class ReferenceStream:
             self._blend_tokens[best] += count
             self._blend_total += count
         return self._choices[:n]
+
+    def _pick_source(self) -> int:
+        """Earliest deadline among the sources at or below their share (section 6)."""
+        total = float(self._blend_total)
+        positive = [s for s, p in enumerate(self.probs) if p > 0.0]
+        eligible = [s for s in positive
+                    if float(self._blend_tokens[s]) <= self.probs[s] * total]
+        if not eligible:  # only reachable through rounding: fall back to the largest deficit
+            best, best_value = -1, 0.0
+            for s in positive:
+                value = self.probs[s] * total - float(self._blend_tokens[s])
+                if best < 0 or value > best_value:  # strict: ties keep the lowest s
+                    best, best_value = s, value
+            return best
+        best, best_deadline = -1, 0.0
+        for s in eligible:
+            row_tokens = self._token_count(s, self._blend_rows[s])
+            deadline = float(self._blend_tokens[s] + row_tokens) / self.probs[s]
+            if best < 0 or deadline < best_deadline:  # strict: ties keep the lowest s
+                best, best_deadline = s, deadline
+        return best
 
     def blend_state(self, n: int) -> tuple[list[int], list[int]]:
         """(rows_s, tokens_s) per source after global rows 0..n-1 were taken."""

@@ -1,0 +1,286 @@
+"""The packed loader against the numpy oracle (cptfast/data/packing_reference.py), and the
+properties users rely on: coverage, no cross-document labels, disjoint ranks, exact resume,
+mixture shares."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from independent_writers import write_jsonl, write_megatron
+
+from cptfast._ext import extension
+from cptfast.data import PackedLoader, prepare
+from cptfast.data.packing_reference import CompactRow, ReferenceStream, expand
+
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def write_sources(directory, corpora, dtype="uint16"):
+    """Each corpus (a list of documents) as one or two Megatron files; returns file lists."""
+    sources = []
+    for s, docs in enumerate(corpora):
+        half = len(docs) // 2  # two files when both halves hold tokens (no empty .bin)
+        parts = [docs[:half], docs[half:]] if any(docs[:half]) and any(docs[half:]) else [docs]
+        files = []
+        for k, part in enumerate(parts):
+            bin_path, _ = write_megatron(directory / f"src{s}_{k}", part, dtype)
+            files.append(bin_path)
+        sources.append(files)
+    return sources
+
+
+corpus = st.lists(st.lists(st.integers(0, 999), min_size=0, max_size=45), min_size=1,
+                  max_size=25).filter(lambda docs: any(docs))
+
+
+@SETTINGS
+@given(corpora=st.lists(corpus, min_size=1, max_size=3), seq_len=st.integers(2, 17),
+       batch_size=st.integers(1, 3), world_size=st.integers(1, 3), data=st.data(),
+       packing=st.sampled_from(["concat", "bestfit"]), seed=st.integers(0, 2**64 - 1),
+       window=st.integers(1, 9), threads=st.sampled_from([0, 2]))
+def test_loader_matches_reference(tmp_path_factory, corpora, seq_len, batch_size, world_size,
+                                  data, packing, seed, window, threads):
+    rank = data.draw(st.integers(0, world_size - 1))
+    weights = data.draw(st.lists(st.floats(0.05, 5), min_size=len(corpora),
+                                 max_size=len(corpora)))
+    sources = write_sources(tmp_path_factory.mktemp("c"), corpora)
+    loader = PackedLoader(sources, seq_len, batch_size, weights=weights, packing=packing,
+                          seed=seed, rank=rank, world_size=world_size, num_threads=threads,
+                          window=window, pad_id=7)
+    reference = ReferenceStream([[np.array(d, dtype=np.int64) for d in docs] for docs in corpora],
+                                seq_len, packing=packing, window=window, weights=weights,
+                                seed=seed, pad_id=7)
+    for k in range(6):
+        compact = loader.next_compact()
+        rows = reference.batch_rows(k, batch_size, rank=rank, world_size=world_size)
+        np.testing.assert_array_equal(compact.tokens, np.stack([r.tokens for r in rows]))
+        assert compact.row_used.tolist() == [r.used for r in rows]
+        assert compact.segment_starts.tolist() == [s for r in rows for s in r.segment_starts]
+        got = expand_batch(compact)
+        want = expand(rows, seq_len, pad_id=7)
+        for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"batch {k} {key}")
+        assert got["max_seqlen"] == want["max_seqlen"]
+    assert loader.state_dict()["rows"] == reference.blend_state(6 * batch_size * world_size)[0]
+
+
+def expand_batch(compact):
+    from cptfast.data.loader import expand as loader_expand
+    batch = loader_expand(compact)
+    return {"input_ids": batch.input_ids.numpy(), "labels": batch.labels.numpy(),
+            "position_ids": batch.position_ids.numpy(), "cu_seqlens": batch.cu_seqlens.numpy(),
+            "max_seqlen": batch.max_seqlen}
+
+
+@st.composite
+def compact_rows(draw):
+    """Arbitrary valid compact rows, including all-padding rows and a segment at slot T."""
+    seq_len = draw(st.integers(2, 12))
+    rows = []
+    for _ in range(draw(st.integers(1, 4))):
+        used = draw(st.integers(0, seq_len + 1))
+        inner = draw(st.sets(st.integers(1, max(used - 1, 1)), max_size=6)) if used > 1 else set()
+        starts = sorted({0} | inner) if used else []
+        tokens = draw(st.lists(st.integers(0, 65535), min_size=seq_len + 1, max_size=seq_len + 1))
+        rows.append(CompactRow(tokens=np.array(tokens), used=used, segment_starts=starts,
+                               token_count=used))
+    return seq_len, rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=compact_rows(), pad_id=st.integers(0, 65535), by_token=st.booleans(),
+       dtype=st.sampled_from(["uint16", "int32", "uint32"]))
+def test_expansion_matches_reference(case, pad_id, by_token, dtype):
+    # by_token=True runs the per-token search of the CUDA kernel, on the CPU.
+    seq_len, rows = case
+    tokens = np.stack([r.tokens for r in rows]).astype(dtype)
+    row_segments = np.cumsum([0] + [len(r.segment_starts) for r in rows]).astype(np.int32)
+    starts = np.array([s for r in rows for s in r.segment_starts], dtype=np.int32)
+    got = extension().expand_compact(tokens, np.array([r.used for r in rows], np.int32),
+                                     row_segments, starts, pad_id, by_token)
+    want = expand(rows, seq_len, pad_id=pad_id)
+    for value, key in zip(got, ("input_ids", "labels", "position_ids", "cu_seqlens")):
+        np.testing.assert_array_equal(value, want[key], err_msg=key)  # outputs were poisoned
+    assert got[4] == want["max_seqlen"]
+
+
+def test_expansion_rejects_inconsistent_rows():
+    C = extension()
+    tokens = np.zeros((1, 5), np.uint16)
+    with pytest.raises(ValueError, match="segment starts must rise from 0"):
+        C.expand_compact(tokens, np.array([4], np.int32), np.array([0, 2], np.int32),
+                         np.array([0, 4], np.int32))  # a start at used
+    with pytest.raises(ValueError, match="row_used must lie in"):
+        C.expand_compact(tokens, np.array([6], np.int32), np.array([0, 1], np.int32),
+                         np.array([0], np.int32))
+
+
+def documents(seed, count, longest):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 60000, int(n)).tolist() for n in rng.integers(1, longest, count)]
+
+
+def test_concat_labels_every_token_but_document_firsts_once_per_epoch(tmp_path):
+    docs = documents(0, 200, 60) + [[5]] * 10  # includes one-token documents
+    (files,) = write_sources(tmp_path, [docs])
+    seq_len = 32
+    loader = PackedLoader([files], seq_len, 4, num_threads=2)
+    epoch_tokens = sum(map(len, docs))
+    inputs, labels = Counter(), Counter()
+    position = 0  # stream position of the row's first slot
+    while position < epoch_tokens:
+        batch = next(loader)
+        for ids, labs in zip(batch.input_ids.tolist(), batch.labels.tolist()):
+            for t in range(seq_len):
+                if position + t < epoch_tokens:
+                    inputs[ids[t]] += 1
+                if position + t + 1 < epoch_tokens and labs[t] != -100:
+                    labels[labs[t]] += 1
+            position += seq_len
+    assert inputs == Counter(t for d in docs for t in d)
+    assert labels == Counter(t for d in docs for t in d[1:])  # each doc's first is never a label
+    assert loader.report()[0]["epoch"] >= 1
+
+
+def test_bestfit_never_truncates_and_counts_padding(tmp_path):
+    seq_len = 50
+    docs = documents(1, 300, 130)  # many longer than T: split into T-sized pieces
+    (files,) = write_sources(tmp_path, [docs])
+    loader = PackedLoader([files], seq_len, 1, packing="bestfit", window=40, num_threads=0)
+    seen, padding, rows = Counter(), 0, 0
+    while loader._loader.row_epoch(0, rows) == 0:
+        compact = loader.next_compact()
+        used = int(compact.row_used[0])
+        seen.update(compact.tokens[0, :used].tolist())
+        padding += seq_len - used
+        starts = compact.segment_starts.tolist() + [used]
+        assert all(0 < b - a <= seq_len for a, b in zip(starts, starts[1:]))
+        rows += 1
+    total = sum(map(len, docs))
+    assert seen == Counter(t for d in docs for t in d)
+    assert padding == rows * seq_len - total
+    assert padding / (rows * seq_len) < 0.05, "best-fit should leave little padding"
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_no_label_crosses_a_document(tmp_path, packing):
+    sources = write_sources(tmp_path, [documents(2, 150, 40), documents(3, 100, 90)])
+    loader = PackedLoader(sources, 24, 3, packing=packing, weights=[1, 2], num_threads=2)
+    from cptfast.data.loader import expand as loader_expand
+
+    for _ in range(30):
+        compact = loader.next_compact()
+        b = loader_expand(compact)
+        positions, labels, inputs = b.position_ids, b.labels, b.input_ids
+        real = torch.arange(24)[None, :] < torch.from_numpy(compact.row_used.astype(np.int64))[:, None]
+        assert bool((labels[~real] == -100).all())  # padding is never a target
+        same_doc = (positions[:, 1:] == positions[:, :-1] + 1) & real[:, 1:]
+        assert bool((labels[:, :-1][same_doc] == inputs[:, 1:][same_doc]).all())
+        assert bool((labels[:, :-1][~same_doc] == -100).all())
+        lengths = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()
+        assert sum(lengths) == b.num_tokens and max(lengths) == b.max_seqlen
+        starts = set(b.cu_seqlens[:-1].tolist())
+        assert starts == {i for i, p in enumerate(positions.flatten().tolist()) if p == 0}
+
+
+def test_ranks_are_disjoint_and_cover_the_global_stream(tmp_path):
+    sources = write_sources(tmp_path, [documents(4, 80, 30), documents(5, 80, 30)])
+    single = PackedLoader(sources, 16, 6, weights=[3, 1], num_threads=0)
+    ranks = [PackedLoader(sources, 16, 2, weights=[3, 1], rank=r, world_size=3, num_threads=2)
+             for r in range(3)]
+    for _ in range(10):
+        whole = next(single)
+        parts = [next(loader) for loader in ranks]
+        rows = sorted(g for p in parts for g in p.global_rows.tolist())
+        assert rows == sorted(whole.global_rows.tolist())
+        for r, part in enumerate(parts):  # rank r holds every third row of the global step
+            assert part.global_rows.tolist() == whole.global_rows[r::3].tolist()
+            assert bool((part.input_ids == whole.input_ids[r::3]).all())
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_resume_equals_the_uninterrupted_stream_on_any_world_size(tmp_path, packing):
+    sources = write_sources(tmp_path, [documents(6, 60, 50), documents(7, 90, 20)])
+    options = dict(weights=[0.6, 0.4], packing=packing, seed=3, window=10)
+    reference = PackedLoader(sources, 20, 4, num_threads=2, **options)
+    expected = [next(reference).input_ids for _ in range(25)]
+    rng = np.random.default_rng(0)
+    for stop in sorted(rng.choice(np.arange(1, 24), 4, replace=False).tolist()):
+        # Two ranks of 2 rows run `stop` steps, then one rank of 4 rows resumes (2 -> 1).
+        pair = [PackedLoader(sources, 20, 2, rank=r, world_size=2, **options) for r in range(2)]
+        for _ in range(stop):
+            for loader in pair:
+                next(loader)
+        state = pair[0].state_dict()
+        assert state == pair[1].state_dict()
+        resumed = PackedLoader(sources, 20, 4, num_threads=2, **options)
+        resumed.load_state_dict(state)
+        for k in range(stop, 25):
+            assert bool((next(resumed).input_ids == expected[k]).all()), (stop, k)
+    # And 1 -> 2: the single loader's state continues on two ranks.
+    single = PackedLoader(sources, 20, 4, **options)
+    for _ in range(5):
+        next(single)
+    halves = [PackedLoader(sources, 20, 2, rank=r, world_size=2, **options) for r in range(2)]
+    for loader in halves:
+        loader.load_state_dict(single.state_dict())
+    for k in range(5, 10):
+        a, b = next(halves[0]).input_ids, next(halves[1]).input_ids
+        assert bool((a == expected[k][0::2]).all()) and bool((b == expected[k][1::2]).all())
+
+
+@SETTINGS
+@given(weights=st.lists(st.floats(0.01, 10), min_size=2, max_size=4),
+       packing=st.sampled_from(["concat", "bestfit"]))
+def test_mixture_stays_within_one_row_of_its_target(tmp_path_factory, weights, packing):
+    seq_len = 16
+    corpora = [documents(10 + s, 30 + 20 * s, 40) for s in range(len(weights))]
+    sources = write_sources(tmp_path_factory.mktemp("m"), corpora)
+    loader = PackedLoader(sources, seq_len, 1, weights=weights, packing=packing, num_threads=0)
+    target = np.array(weights) / sum(weights)
+    for _ in range(400):
+        tokens = np.array(loader.next_compact().state_after[2])
+        assert np.all(np.abs(tokens - target * tokens.sum()) <= seq_len), tokens
+    epochs = [entry["epoch"] for entry in loader.report()]
+    assert max(epochs) >= 1  # small sources wrapped into their next (reshuffled) epoch
+
+
+def test_bad_input_gets_clear_errors(tmp_path, tokenizer_dir, big_vocab_tokenizer_dir):
+    good = write_sources(tmp_path, [documents(8, 10, 9)])[0]
+    empty, _ = write_megatron(tmp_path / "empty", [[], []], "uint16")  # all documents empty
+    with pytest.raises(ValueError, match=r"empty\.bin: file is empty"):
+        PackedLoader([[empty]], 8, 1)
+    with pytest.raises(ValueError, match="non-empty list of shard files"):
+        PackedLoader([good, []], 8, 1)
+    with pytest.raises(ValueError, match="at least one source"):
+        PackedLoader([], 8, 1)
+    for weights in ([1, -1], [0, 0], [float("nan"), 1], [1]):
+        with pytest.raises(ValueError, match="weights"):
+            PackedLoader([good, good], 8, 1, weights=weights)
+    with pytest.raises(ValueError, match="seq_len must be at least 2"):
+        PackedLoader([good], 1, 1)
+    with pytest.raises(ValueError, match="packing must be one of"):
+        PackedLoader([good], 8, 1, packing="greedy")
+    with pytest.raises(ValueError, match="rank"):
+        PackedLoader([good], 8, 1, rank=2, world_size=2)
+    wide, _ = write_megatron(tmp_path / "wide", [[1, 2, 3]], "int32")
+    with pytest.raises(ValueError, match="holds int32 tokens but source 0 holds uint16"):
+        PackedLoader([good, [wide]], 8, 1)
+    with pytest.raises(ValueError, match="must share one token type"):
+        PackedLoader([[good[0], wide]], 8, 1)
+
+    (tmp_path / "a.txt").write_text("w1 w2 hello\nthere w3\n")
+    prepare([tmp_path / "a.txt"], tmp_path / "small", tokenizer_dir, split_lines=True, workers=1)
+    prepare([tmp_path / "a.txt"], tmp_path / "big", big_vocab_tokenizer_dir, split_lines=True,
+            workers=1)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        PackedLoader({"domain": tmp_path / "small", "general": tmp_path / "big"}, 8, 1)
+    loader = PackedLoader({"domain": tmp_path / "small"}, 8, 1)
+    assert loader.pad_id == 1  # the tokenizer's EOS
+    other = PackedLoader({"domain": tmp_path / "small"}, 16, 1)
+    with pytest.raises(ValueError, match="seq_len=8 but this loader has 16"):
+        other.load_state_dict(loader.state_dict())
