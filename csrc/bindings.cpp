@@ -250,7 +250,7 @@ PYBIND11_MODULE(_C, m) {
                        int64_t window, uint64_t seed, int64_t rank, int64_t world_size,
                        int64_t num_threads, int64_t prefetch, int64_t pad_id,
                        int64_t global_row, std::vector<int64_t> rows,
-                       std::vector<int64_t> tokens) {
+                       std::vector<int64_t> tokens, std::vector<std::string> cache_prefixes) {
              cptfast::LoaderOptions options;
              if (packing == "concat") options.packing = cptfast::Packing::kConcat;
              else if (packing == "bestfit") options.packing = cptfast::Packing::kBestfit;
@@ -266,13 +266,14 @@ PYBIND11_MODULE(_C, m) {
              options.pad_id = pad_id;
              MixState start{global_row, std::move(rows), std::move(tokens)};
              return std::make_unique<PackedLoader>(std::move(sources), std::move(weights), options,
-                                                   std::move(start));
+                                                   std::move(start), std::move(cache_prefixes));
            }),
            py::arg("sources"), py::arg("weights"), py::arg("packing"), py::arg("seq_len"),
            py::arg("batch_size"), py::arg("window"), py::arg("seed"), py::arg("rank"),
            py::arg("world_size"), py::arg("num_threads"), py::arg("prefetch"), py::arg("pad_id"),
            py::arg("global_row") = 0, py::arg("rows") = std::vector<int64_t>{},
-           py::arg("tokens") = std::vector<int64_t>{})
+           py::arg("tokens") = std::vector<int64_t>{},
+           py::arg("cache_prefixes") = std::vector<std::string>{})
       .def("next", &PackedLoader::next, py::call_guard<py::gil_scoped_release>(),
            "The next compact batch of this rank (waits for the background threads).")
       .def("row_epoch", &PackedLoader::row_epoch, py::arg("source"), py::arg("row"),

@@ -7,8 +7,12 @@
 namespace cptfast {
 
 PackedLoader::PackedLoader(std::vector<std::shared_ptr<Source>> sources,
-                           std::vector<double> weights, LoaderOptions options, MixState start)
+                           std::vector<double> weights, LoaderOptions options, MixState start,
+                           std::vector<std::string> cache_prefixes)
     : options_(options), planned_(std::move(start)) {
+  if (!cache_prefixes.empty() && cache_prefixes.size() != sources.size()) {
+    throw std::invalid_argument("need one index cache prefix per source");
+  }
   if (sources.empty()) throw std::invalid_argument("the loader needs at least one source");
   if (weights.size() != sources.size()) {
     throw std::invalid_argument("got " + std::to_string(weights.size()) + " weights for " +
@@ -38,7 +42,8 @@ PackedLoader::PackedLoader(std::vector<std::shared_ptr<Source>> sources,
     }
     streams_.push_back(std::make_unique<SourceStream>(sources[s], s, options_.packing,
                                                       options_.seq_len, options_.window,
-                                                      options_.seed));
+                                                      options_.seed,
+                                                      cache_prefixes.empty() ? "" : cache_prefixes[s]));
   }
   if (planned_.rows.empty()) planned_.rows.assign(sources.size(), 0);
   if (planned_.tokens.empty()) planned_.tokens.assign(sources.size(), 0);

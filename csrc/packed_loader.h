@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -50,8 +51,9 @@ struct LoaderOptions {
 
 class PackedLoader {
  public:
+  // cache_prefixes: one per source (see SourceStream), or empty for no on-disk index cache.
   PackedLoader(std::vector<std::shared_ptr<Source>> sources, std::vector<double> weights,
-               LoaderOptions options, MixState start);
+               LoaderOptions options, MixState start, std::vector<std::string> cache_prefixes);
   ~PackedLoader();
   PackedLoader(const PackedLoader&) = delete;
   PackedLoader& operator=(const PackedLoader&) = delete;

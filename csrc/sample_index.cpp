@@ -1,7 +1,12 @@
 #include "sample_index.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
+#include <functional>
+#include <thread>
 #include <set>
 #include <stdexcept>
 
@@ -112,19 +117,81 @@ std::shared_ptr<Epoch> build_bestfit_epoch(const Source& src, int64_t seq_len, i
   return out;
 }
 
+namespace {
+constexpr char kEpochMagic[8] = {'C', 'P', 'T', 'I', 'D', 'X', '1', '\0'};
+
+template <typename T>
+bool read_array(std::FILE* f, std::vector<T>* values, uint64_t count) {
+  values->resize(count);
+  return count == 0 || std::fread(values->data(), sizeof(T), count, f) == count;
+}
+
+template <typename T>
+bool write_array(std::FILE* f, const std::vector<T>& values) {
+  return values.empty() || std::fwrite(values.data(), sizeof(T), values.size(), f) == values.size();
+}
+}  // namespace
+
+bool load_epoch(const std::string& path, Epoch* out) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  char magic[8];
+  uint64_t counts[4];
+  bool ok = std::fread(magic, 1, 8, f) == 8 && std::memcmp(magic, kEpochMagic, 8) == 0 &&
+            std::fread(counts, sizeof(uint64_t), 4, f) == 4;
+  // Each count is bounded by the file size before anything is allocated.
+  if (ok) {
+    std::fseek(f, 0, SEEK_END);
+    const uint64_t size = static_cast<uint64_t>(std::ftell(f));
+    const uint64_t expected = 8 + 32 + counts[0] * sizeof(uint32_t) + counts[1] * sizeof(int64_t) +
+                              counts[2] * sizeof(int64_t) + counts[3] * sizeof(Piece);
+    ok = counts[0] <= size && counts[1] <= size && counts[2] <= size && counts[3] <= size &&
+         expected == size;
+    std::fseek(f, 40, SEEK_SET);
+  }
+  ok = ok && read_array(f, &out->order, counts[0]) && read_array(f, &out->stream_start, counts[1]) &&
+       read_array(f, &out->row_first, counts[2]) && read_array(f, &out->pieces, counts[3]);
+  std::fclose(f);
+  return ok;
+}
+
+void save_epoch(const std::string& path, const Epoch& epoch) {
+  const std::string partial = path + ".partial-" + std::to_string(::getpid()) + "-" +
+                              std::to_string(std::hash<std::thread::id>{}(std::this_thread::get_id()));
+  std::FILE* f = std::fopen(partial.c_str(), "wb");
+  if (f == nullptr) return;
+  const uint64_t counts[4] = {epoch.order.size(), epoch.stream_start.size(),
+                              epoch.row_first.size(), epoch.pieces.size()};
+  bool ok = std::fwrite(kEpochMagic, 1, 8, f) == 8 && std::fwrite(counts, sizeof(uint64_t), 4, f) == 4 &&
+            write_array(f, epoch.order) && write_array(f, epoch.stream_start) &&
+            write_array(f, epoch.row_first) && write_array(f, epoch.pieces);
+  ok = std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0 && ok;
+  std::fclose(f);
+  if (!ok || std::rename(partial.c_str(), path.c_str()) != 0) std::remove(partial.c_str());
+}
+
 SourceStream::SourceStream(std::shared_ptr<Source> source, uint64_t source_id, Packing packing,
-                           int64_t seq_len, int64_t window, uint64_t seed)
+                           int64_t seq_len, int64_t window, uint64_t seed, std::string cache_prefix)
     : source_(std::move(source)), source_id_(source_id), packing_(packing), seq_len_(seq_len),
-      window_(window), seed_(seed) {}
+      window_(window), seed_(seed), cache_prefix_(std::move(cache_prefix)) {}
 
 std::shared_ptr<const Epoch> SourceStream::epoch(int64_t e) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto found = cache_.find(e);
   if (found != cache_.end()) return found->second;
-  std::shared_ptr<const Epoch> built =
-      packing_ == Packing::kConcat
-          ? build_concat_epoch(*source_, seed_, source_id_, e)
-          : build_bestfit_epoch(*source_, seq_len_, window_, seed_, source_id_, e);
+  const std::string cached = cache_prefix_.empty() ? ""
+                                                   : cache_prefix_ + "-e" + std::to_string(e) + ".cptidx";
+  auto loaded = std::make_shared<Epoch>();
+  std::shared_ptr<const Epoch> built;
+  if (!cached.empty() && load_epoch(cached, loaded.get())) {
+    built = loaded;
+  } else {
+    auto fresh = packing_ == Packing::kConcat
+                     ? build_concat_epoch(*source_, seed_, source_id_, e)
+                     : build_bestfit_epoch(*source_, seq_len_, window_, seed_, source_id_, e);
+    if (!cached.empty()) save_epoch(cached, *fresh);
+    built = fresh;
+  }
   cache_[e] = built;
   // A few epochs stay built (a batch can straddle a boundary); readers hold their own reference.
   while (cache_.size() > 4) cache_.erase(cache_.begin()->first == e ? std::next(cache_.begin())

@@ -53,6 +53,12 @@ struct Epoch {
   int64_t num_rows() const { return static_cast<int64_t>(row_first.size()) - 1; }
 };
 
+// The on-disk cache of built epochs: a small header, then the four arrays as they are in memory.
+// load_epoch returns false for a missing, truncated or foreign file (which is then rebuilt);
+// save_epoch writes atomically (temporary name, then rename) and leaves nothing on failure.
+bool load_epoch(const std::string& path, Epoch* out);
+void save_epoch(const std::string& path, const Epoch& epoch);
+
 std::shared_ptr<Epoch> build_concat_epoch(const Source& src, uint64_t seed, uint64_t source_id,
                                           uint64_t epoch);
 std::shared_ptr<Epoch> build_bestfit_epoch(const Source& src, int64_t seq_len, int64_t window,
@@ -69,8 +75,10 @@ struct RowSink {
 // cache of built epochs. Thread-safe.
 class SourceStream {
  public:
+  // cache_prefix: path prefix of this stream's cached epochs ("<prefix>-e<epoch>.cptidx"), a
+  // digest of everything the index depends on; empty to keep epochs in memory only.
   SourceStream(std::shared_ptr<Source> source, uint64_t source_id, Packing packing,
-               int64_t seq_len, int64_t window, uint64_t seed);
+               int64_t seq_len, int64_t window, uint64_t seed, std::string cache_prefix);
   // Tokens row r contributes to the mixture (T for concat, its real tokens for bestfit).
   int64_t row_tokens(int64_t r);
   // The epoch that row r starts in.
@@ -88,6 +96,7 @@ class SourceStream {
   Packing packing_;
   int64_t seq_len_, window_;
   uint64_t seed_;
+  std::string cache_prefix_;
   std::mutex mutex_;
   std::map<int64_t, std::shared_ptr<const Epoch>> cache_;
   std::vector<int64_t> bestfit_epoch_first_row_{0};  // cumulative rows of epochs 0..k-1

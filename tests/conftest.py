@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 # Triton kernels run on the CPU through the interpreter; this must be set before any launch.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Loader index caches go to a throw-away directory, never the user's ~/.cache.
+os.environ["CPTFAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="cptfast-test-index-")
 
 from pathlib import Path  # noqa: E402
 

@@ -14,6 +14,9 @@ follow from it): ``state_dict()`` after any batch, ``load_state_dict()`` on a lo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,14 @@ def expand(compact) -> Batch:
                  cu_seqlens=torch.from_numpy(cu_seqlens), max_seqlen=int(max_seqlen),
                  sources=torch.from_numpy(np.array(compact.row_source)),
                  global_rows=torch.from_numpy(np.array(compact.global_row)))
+
+
+def default_index_cache() -> Path:
+    """``$CPTFAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/cptfast/index``, else ``~/.cache/...``."""
+    if os.environ.get("CPTFAST_CACHE_DIR"):
+        return Path(os.environ["CPTFAST_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cptfast" / "index"
 
 
 def expand_on_device(compact, device: torch.device) -> Batch:
@@ -141,12 +152,16 @@ class PackedLoader:
         device: where batches go (default CPU). On CUDA, with the extension built with CUDA,
             the compact batch is copied (2-4 bytes per token) and expanded on the device.
         pad_id: token at padding positions (default: the tokenizer's EOS, else 0).
+        index_cache: directory where built epoch indices are cached, keyed by everything they
+            depend on (files, sizes, mtimes, packing, seq_len, window, seed); default
+            ``$CPTFAST_CACHE_DIR`` or ``~/.cache/cptfast/index``; ``False`` disables it.
     """
 
     def __init__(self, sources, seq_len: int, batch_size: int, *, weights=None,
                  packing: str = "concat", seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_threads: int = 2, device: str | torch.device | None = None,
-                 window: int = 1024, prefetch: int = 4, pad_id: int | None = None):
+                 window: int = 1024, prefetch: int = 4, pad_id: int | None = None,
+                 index_cache: str | Path | bool | None = None):
         if packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         if seq_len < 2:
@@ -169,9 +184,10 @@ class PackedLoader:
         self.weights = self._weights(weights)
 
         C = extension()
-        self._sources, facts = [], []
+        self._sources, self._readers, facts = [], [], []
         for name, spec in zip(self.source_names, specs):
             readers, tokenizer = _open_source(spec, name)
+            self._readers.append(readers)
             try:
                 self._sources.append(C.Source(readers))
             except ValueError as error:
@@ -192,6 +208,7 @@ class PackedLoader:
         self.rank, self.world_size, self.window, self.pad_id = rank, world_size, window, pad_id
         self.num_threads, self.prefetch = num_threads, prefetch
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._cache_prefixes = self._index_cache_prefixes(index_cache, specs)
         self._state = (0, [0] * len(specs), [0] * len(specs))
         self._loader = self._start(self._state)
 
@@ -212,12 +229,40 @@ class PackedLoader:
                              f"number, got {weights}")
         return weights
 
+    def _index_cache_prefixes(self, index_cache, specs) -> list[str]:
+        if index_cache is False:
+            return []
+        if index_cache is None or index_cache is True:
+            index_cache = default_index_cache()
+        directory = Path(index_cache)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"index cache directory {directory}: {error.strerror}; pass "
+                             "index_cache=<a writable directory> or index_cache=False") from None
+        if not os.access(directory, os.W_OK):
+            raise ValueError(f"index cache directory {directory} is not writable; pass "
+                             "index_cache=<a writable directory> or index_cache=False")
+        prefixes = []
+        for source_id, source in enumerate(self._readers):
+            files = []
+            for reader in source:
+                for path in (reader.path, reader.index_path):
+                    if path is not None:
+                        stat = os.stat(path)
+                        files.append([os.path.realpath(path), stat.st_size, stat.st_mtime_ns])
+            key = {"version": 1, "packing": self.packing, "seq_len": self.seq_len,
+                   "window": self.window, "seed": self.seed, "source": source_id, "files": files}
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+            prefixes.append(str(directory / f"{self.packing}-{digest}"))
+        return prefixes
+
     def _start(self, state):
         global_row, rows, tokens = state
         return extension().PackedLoader(
             self._sources, self.weights, self.packing, self.seq_len, self.batch_size, self.window,
             self.seed, self.rank, self.world_size, self.num_threads, self.prefetch, self.pad_id,
-            global_row, list(rows), list(tokens))
+            global_row, list(rows), list(tokens), self._cache_prefixes)
 
     def __iter__(self):
         return self

@@ -284,3 +284,36 @@ def test_bad_input_gets_clear_errors(tmp_path, tokenizer_dir, big_vocab_tokenize
     other = PackedLoader({"domain": tmp_path / "small"}, 16, 1)
     with pytest.raises(ValueError, match="seq_len=8 but this loader has 16"):
         other.load_state_dict(loader.state_dict())
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_index_cache_is_keyed_by_its_inputs_and_survives_corruption(tmp_path, packing):
+    sources = write_sources(tmp_path, [documents(20, 120, 70)])
+    cache = tmp_path / "cache"
+
+    def first_batches(**kwargs):
+        loader = PackedLoader(sources, 32, 4, packing=packing, num_threads=0, **kwargs)
+        return [next(loader).input_ids for _ in range(12)]
+
+    fresh = first_batches(index_cache=False)
+    assert not cache.exists()
+    assert all(bool((a == b).all()) for a, b in zip(first_batches(index_cache=cache), fresh))
+    files = sorted(cache.glob("*.cptidx"))
+    assert files and not list(cache.glob("*.partial*"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert all(bool((a == b).all()) for a, b in zip(first_batches(index_cache=cache), fresh))
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # read back, not rebuilt
+    # A different seed is a different key; a damaged file is rebuilt, not trusted.
+    first_batches(index_cache=cache, seed=1)
+    assert len(list(cache.glob("*.cptidx"))) == 2 * len(files)
+    files[0].write_bytes(files[0].read_bytes()[:-5])
+    assert all(bool((a == b).all()) for a, b in zip(first_batches(index_cache=cache), fresh))
+    assert files[0].stat().st_size > 0 and files[0].stat().st_mtime_ns != stamps[0]
+
+
+def test_unwritable_index_cache_is_refused(tmp_path):
+    sources = write_sources(tmp_path, [documents(21, 10, 9)])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="index_cache=False"):
+        PackedLoader(sources, 8, 1, index_cache=blocker / "sub")
