@@ -10,6 +10,7 @@ import pytest
 
 SCALE = float(os.environ.get("CPTFAST_BENCH_SCALE", "1.0"))
 _RATIOS: list[tuple[str, str, float, str]] = []
+_METRICS: list[tuple[str, str, str]] = []
 
 
 def record_ratio(name: str, baseline: str, ratio: float, note: str = "") -> None:
@@ -17,12 +18,20 @@ def record_ratio(name: str, baseline: str, ratio: float, note: str = "") -> None
     _RATIOS.append((name, baseline, ratio, note))
 
 
+def record_metric(name: str, value: str, note: str = "") -> None:
+    """Remember a measured value that is not a ratio (a share, a time, a memory size)."""
+    _METRICS.append((name, value, note))
+
+
 def pytest_terminal_summary(terminalreporter):
-    if not _RATIOS:
-        return
-    terminalreporter.section("cptfast: ratios against same-run baselines (higher is better)")
-    for name, baseline, ratio, note in _RATIOS:
-        terminalreporter.write_line(f"{name:<44} vs {baseline:<34} {ratio:8.2f}x  {note}")
+    if _RATIOS:
+        terminalreporter.section("cptfast: ratios against same-run baselines (higher is better)")
+        for name, baseline, ratio, note in _RATIOS:
+            terminalreporter.write_line(f"{name:<44} vs {baseline:<34} {ratio:8.2f}x  {note}")
+    if _METRICS:
+        terminalreporter.section("cptfast: measured values")
+        for name, value, note in _METRICS:
+            terminalreporter.write_line(f"{name:<44} {value:>14}  {note}")
 
 
 @pytest.fixture(scope="session")

@@ -231,6 +231,21 @@ PYBIND11_MODULE(_C, m) {
                                                      b.state_after.tokens);
                              },
                              "(global_row, rows per source, tokens per source) after this batch")
+      .def_property_readonly("expanded", [](const CompactBatch& b) { return b.expanded; })
+      .def_property_readonly("max_seqlen", [](const CompactBatch& b) { return b.max_seqlen; })
+      .def("expanded_arrays",
+           [](py::object self) {
+             auto& b = self.cast<CompactBatch&>();
+             if (!b.expanded) throw py::value_error("this batch was not expanded on the host");
+             auto matrix = [&](std::vector<int64_t>& values) {  // writable: the batch owns it
+               return py::array(py::dtype::of<int64_t>(), {b.rows, b.seq_len}, values.data(), self);
+             };
+             return py::make_tuple(matrix(b.input_ids), matrix(b.labels), matrix(b.position_ids),
+                                   py::array(py::dtype::of<int32_t>(),
+                                             {static_cast<int64_t>(b.cu_seqlens.size())},
+                                             b.cu_seqlens.data(), self));
+           },
+           "(input_ids, labels, position_ids, cu_seqlens) expanded by the gathering thread.")
       .def("expand_into",
            [](const CompactBatch& b, py::array input_ids, py::array labels,
               py::array position_ids) {
@@ -250,7 +265,8 @@ PYBIND11_MODULE(_C, m) {
                        int64_t window, uint64_t seed, int64_t rank, int64_t world_size,
                        int64_t num_threads, int64_t prefetch, int64_t pad_id,
                        int64_t global_row, std::vector<int64_t> rows,
-                       std::vector<int64_t> tokens, std::vector<std::string> cache_prefixes) {
+                       std::vector<int64_t> tokens, std::vector<std::string> cache_prefixes,
+                       bool expand) {
              cptfast::LoaderOptions options;
              if (packing == "concat") options.packing = cptfast::Packing::kConcat;
              else if (packing == "bestfit") options.packing = cptfast::Packing::kBestfit;
@@ -264,6 +280,7 @@ PYBIND11_MODULE(_C, m) {
              options.num_threads = num_threads;
              options.prefetch = prefetch;
              options.pad_id = pad_id;
+             options.expand = expand;
              MixState start{global_row, std::move(rows), std::move(tokens)};
              return std::make_unique<PackedLoader>(std::move(sources), std::move(weights), options,
                                                    std::move(start), std::move(cache_prefixes));
@@ -273,7 +290,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("world_size"), py::arg("num_threads"), py::arg("prefetch"), py::arg("pad_id"),
            py::arg("global_row") = 0, py::arg("rows") = std::vector<int64_t>{},
            py::arg("tokens") = std::vector<int64_t>{},
-           py::arg("cache_prefixes") = std::vector<std::string>{})
+           py::arg("cache_prefixes") = std::vector<std::string>{}, py::arg("expand") = true)
       .def("next", &PackedLoader::next, py::call_guard<py::gil_scoped_release>(),
            "The next compact batch of this rank (waits for the background threads).")
       .def("row_epoch", &PackedLoader::row_epoch, py::arg("source"), py::arg("row"),

@@ -107,6 +107,19 @@ std::unique_ptr<CompactBatch> PackedLoader::gather(const Plan& plan) {
   batch->source_row = plan.source_row;
   batch->global_row = plan.global_row;
   batch->state_after = plan.state_after;
+  if (options_.expand) {
+    const int64_t n = rows * options_.seq_len;
+    batch->input_ids.resize(n);
+    batch->labels.resize(n);
+    batch->position_ids.resize(n);
+    const CompactBatchView view = batch->view();
+    const ExpandedOutputs out{batch->input_ids.data(), batch->labels.data(),
+                              batch->position_ids.data()};
+    for (int64_t b = 0; b < rows; ++b) expand_row(view, b, out);
+    batch->cu_seqlens.resize(count_sequences(view) + 1);
+    batch->max_seqlen = fill_cu_seqlens(view, batch->cu_seqlens.data());
+    batch->expanded = true;
+  }
   return batch;
 }
 

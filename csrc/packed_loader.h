@@ -30,6 +30,11 @@ struct CompactBatch {
   std::vector<int64_t> source_row;        // [rows] position of each row in its source's stream
   MixState state_after;                   // the global position once this batch is consumed
   int64_t pad_id = 0;
+  // Filled by the gathering thread when the loader expands on the host (LoaderOptions::expand).
+  bool expanded = false;
+  std::vector<int64_t> input_ids, labels, position_ids;  // [rows, seq_len]
+  std::vector<int32_t> cu_seqlens;
+  int64_t max_seqlen = 0;
 
   CompactBatchView view() const {
     return {tokens.data(), token_type, rows, seq_len, row_used.data(), row_segments.data(),
@@ -47,6 +52,7 @@ struct LoaderOptions {
   int64_t num_threads = 2;  // 0: gather on the calling thread
   int64_t prefetch = 4;     // batches ready or being gathered ahead of the consumer
   int64_t pad_id = 0;
+  bool expand = true;  // expand on the gathering threads (batches bound for the CPU)
 };
 
 class PackedLoader {

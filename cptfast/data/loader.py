@@ -62,15 +62,21 @@ class Batch:
 
 
 def expand(compact) -> Batch:
-    """Expand a ``cptfast._C.CompactBatch`` on the CPU (the rule of csrc/packed_batch.h)."""
+    """Expand a ``cptfast._C.CompactBatch`` on the CPU (the rule of csrc/packed_batch.h); a
+    batch the gathering thread already expanded is wrapped without copies."""
+    extras = dict(sources=torch.from_numpy(np.array(compact.row_source)),
+                  global_rows=torch.from_numpy(np.array(compact.global_row)))
+    if compact.expanded:
+        input_ids, labels, position_ids, cu_seqlens = map(torch.from_numpy,
+                                                          compact.expanded_arrays())
+        return Batch(input_ids=input_ids, labels=labels, position_ids=position_ids,
+                     cu_seqlens=cu_seqlens, max_seqlen=int(compact.max_seqlen), **extras)
     shape = (compact.rows, compact.seq_len)
     input_ids, labels, position_ids = (torch.empty(shape, dtype=torch.int64) for _ in range(3))
     compact.expand_into(input_ids.numpy(), labels.numpy(), position_ids.numpy())
     cu_seqlens, max_seqlen = compact.cu_seqlens()
     return Batch(input_ids=input_ids, labels=labels, position_ids=position_ids,
-                 cu_seqlens=torch.from_numpy(cu_seqlens), max_seqlen=int(max_seqlen),
-                 sources=torch.from_numpy(np.array(compact.row_source)),
-                 global_rows=torch.from_numpy(np.array(compact.global_row)))
+                 cu_seqlens=torch.from_numpy(cu_seqlens), max_seqlen=int(max_seqlen), **extras)
 
 
 def default_index_cache() -> Path:
@@ -155,13 +161,16 @@ class PackedLoader:
         index_cache: directory where built epoch indices are cached, keyed by everything they
             depend on (files, sizes, mtimes, packing, seq_len, window, seed); default
             ``$CPTFAST_CACHE_DIR`` or ``~/.cache/cptfast/index``; ``False`` disables it.
+        host_expand: expand batches on the gathering threads (default: unless they go to a
+            CUDA device, where the compact batch is expanded by a kernel); ``False`` suits
+            callers of :meth:`next_compact`.
     """
 
     def __init__(self, sources, seq_len: int, batch_size: int, *, weights=None,
                  packing: str = "concat", seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_threads: int = 2, device: str | torch.device | None = None,
                  window: int = 1024, prefetch: int = 4, pad_id: int | None = None,
-                 index_cache: str | Path | bool | None = None):
+                 index_cache: str | Path | bool | None = None, host_expand: bool | None = None):
         if packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         if seq_len < 2:
@@ -207,6 +216,7 @@ class PackedLoader:
         self.seq_len, self.batch_size, self.packing, self.seed = seq_len, batch_size, packing, seed
         self.rank, self.world_size, self.window, self.pad_id = rank, world_size, window, pad_id
         self.num_threads, self.prefetch = num_threads, prefetch
+        self.host_expand = host_expand
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._cache_prefixes = self._index_cache_prefixes(index_cache, specs)
         self._state = (0, [0] * len(specs), [0] * len(specs))
@@ -262,7 +272,11 @@ class PackedLoader:
         return extension().PackedLoader(
             self._sources, self.weights, self.packing, self.seq_len, self.batch_size, self.window,
             self.seed, self.rank, self.world_size, self.num_threads, self.prefetch, self.pad_id,
-            global_row, list(rows), list(tokens), self._cache_prefixes)
+            global_row, list(rows), list(tokens), self._cache_prefixes,
+            expand=not self._expands_on_device() if self.host_expand is None else self.host_expand)
+
+    def _expands_on_device(self) -> bool:
+        return self.device.type == "cuda" and extension().has_cuda
 
     def __iter__(self):
         return self
@@ -275,7 +289,7 @@ class PackedLoader:
 
     def __next__(self) -> Batch:
         compact = self.next_compact()
-        if self.device.type == "cuda" and extension().has_cuda:
+        if self._expands_on_device():
             return expand_on_device(compact, self.device)
         batch = expand(compact)
         return batch if self.device.type == "cpu" else batch.to(self.device)

@@ -41,21 +41,22 @@ corpus = st.lists(st.lists(st.integers(0, 999), min_size=0, max_size=45), min_si
 @given(corpora=st.lists(corpus, min_size=1, max_size=3), seq_len=st.integers(2, 17),
        batch_size=st.integers(1, 3), world_size=st.integers(1, 3), data=st.data(),
        packing=st.sampled_from(["concat", "bestfit"]), seed=st.integers(0, 2**64 - 1),
-       window=st.integers(1, 9), threads=st.sampled_from([0, 2]))
+       window=st.integers(1, 9), threads=st.sampled_from([0, 2]), host_expand=st.booleans())
 def test_loader_matches_reference(tmp_path_factory, corpora, seq_len, batch_size, world_size,
-                                  data, packing, seed, window, threads):
+                                  data, packing, seed, window, threads, host_expand):
     rank = data.draw(st.integers(0, world_size - 1))
     weights = data.draw(st.lists(st.floats(0.05, 5), min_size=len(corpora),
                                  max_size=len(corpora)))
     sources = write_sources(tmp_path_factory.mktemp("c"), corpora)
     loader = PackedLoader(sources, seq_len, batch_size, weights=weights, packing=packing,
                           seed=seed, rank=rank, world_size=world_size, num_threads=threads,
-                          window=window, pad_id=7)
+                          window=window, pad_id=7, host_expand=host_expand)
     reference = ReferenceStream([[np.array(d, dtype=np.int64) for d in docs] for docs in corpora],
                                 seq_len, packing=packing, window=window, weights=weights,
                                 seed=seed, pad_id=7)
     for k in range(6):
         compact = loader.next_compact()
+        assert compact.expanded == host_expand
         rows = reference.batch_rows(k, batch_size, rank=rank, world_size=world_size)
         np.testing.assert_array_equal(compact.tokens, np.stack([r.tokens for r in rows]))
         assert compact.row_used.tolist() == [r.used for r in rows]
