@@ -56,6 +56,12 @@ py::array vector_view(const std::vector<T>& values, py::handle owner) {
                        owner);
 }
 
+// A read-only numpy view of one of a CompactBatch's arrays, kept alive by the batch.
+template <typename T>
+auto vector_property(std::vector<T> CompactBatch::*member) {
+  return [member](py::object self) { return vector_view(self.cast<CompactBatch&>().*member, self); };
+}
+
 // A writable, C-contiguous int64 array of shape [rows, seq_len], or a ValueError naming it.
 int64_t* int64_output(py::array& a, const char* name, int64_t rows, int64_t seq_len) {
   const bool ok = a.dtype().is(py::dtype::of<int64_t>()) && a.ndim() == 2 &&
@@ -207,24 +213,12 @@ PYBIND11_MODULE(_C, m) {
                                                               b.tokens.data(), self);
                                return flat.attr("reshape")(b.rows, b.seq_len + 1);
                              })
-      .def_property_readonly("row_used", [](py::object self) {
-        return vector_view(self.cast<CompactBatch&>().row_used, self);
-      })
-      .def_property_readonly("row_segments", [](py::object self) {
-        return vector_view(self.cast<CompactBatch&>().row_segments, self);
-      })
-      .def_property_readonly("segment_starts", [](py::object self) {
-        return vector_view(self.cast<CompactBatch&>().segment_starts, self);
-      })
-      .def_property_readonly("row_source", [](py::object self) {
-        return vector_view(self.cast<CompactBatch&>().row_source, self);
-      })
-      .def_property_readonly("global_row", [](py::object self) {
-        return vector_view(self.cast<CompactBatch&>().global_row, self);
-      })
-      .def_property_readonly("source_row", [](py::object self) {
-        return vector_view(self.cast<CompactBatch&>().source_row, self);
-      })
+      .def_property_readonly("row_used", vector_property(&CompactBatch::row_used))
+      .def_property_readonly("row_segments", vector_property(&CompactBatch::row_segments))
+      .def_property_readonly("segment_starts", vector_property(&CompactBatch::segment_starts))
+      .def_property_readonly("row_source", vector_property(&CompactBatch::row_source))
+      .def_property_readonly("global_row", vector_property(&CompactBatch::global_row))
+      .def_property_readonly("source_row", vector_property(&CompactBatch::source_row))
       .def_property_readonly("state_after",
                              [](const CompactBatch& b) {
                                return py::make_tuple(b.state_after.global_row, b.state_after.rows,
