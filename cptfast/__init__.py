@@ -8,14 +8,17 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "errors")
+_SUBMODULES = ("data", "errors", "ops", "reference")
+_FROM_OPS = ("cross_entropy", "fused_linear_cross_entropy")
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"cptfast.{name}")
+    if name in _FROM_OPS:
+        return getattr(importlib.import_module("cptfast.ops"), name)
     raise AttributeError(f"module 'cptfast' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_SUBMODULES])
+    return sorted([*globals(), *_SUBMODULES, *_FROM_OPS])

@@ -1,0 +1,218 @@
+"""Pure-PyTorch implementations of cptfast's operations: the CPU path, and the test oracle's
+neighbour (tests compare both these and the Triton kernels with float64 computations).
+
+Cross-entropy semantics (shared with kernels/cross_entropy.py), per counted row with logits x
+(length V) and label y:
+    z      = c * tanh(x / c)              when softcap c is set, else z = x
+    lse    = log(sum_j exp(z_j))
+    loss   = (1 - eps) * (lse - z_y) + eps * (lse - mean_j z_j) + z_loss * lse^2
+    dloss/dz_j = softmax(z)_j * (1 + 2 * z_loss * lse) - (1 - eps) * [j == y] - eps / V
+    dz/dx  = 1 - (z / c)^2                (softcap only)
+Rows whose label is ignore_index count as 0 with zero gradient. "mean" divides by the number of
+counted rows (0 when there are none: loss 0, gradients 0), "sum" adds, "none" returns per-row
+losses. Everything is computed in fp32 (fp64 for fp64 inputs, so gradcheck applies).
+
+Both functions work in row chunks sized from a memory budget, so the CPU path stays lean too:
+the fused linear version never holds more than one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_CHUNK_BYTES = 64 << 20  # fp32 working set of one chunk of logits
+
+
+def rows_per_chunk(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows whose fp32 logits (and their gradient) fit in about ``chunk_bytes``."""
+    return max(1, chunk_bytes // (8 * max(vocab, 1)))
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def loss_and_grad_rows(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int,
+                       label_smoothing: float, z_loss: float, softcap: float | None,
+                       need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row loss, lse and (optionally) dloss/dlogits, in fp32 (fp64 for fp64 logits), for
+    one chunk of rows."""
+    z = logits.to(math_dtype(logits.dtype))
+    vocab = z.shape[-1]
+    if softcap is not None:
+        tanh = torch.tanh(z / softcap)
+        z = tanh * softcap
+    counted = labels != ignore_index
+    safe_labels = torch.where(counted, labels, 0).long()
+    lse = torch.logsumexp(z, dim=-1)
+    label_logit = z.gather(1, safe_labels[:, None])[:, 0]
+    loss = (1 - label_smoothing) * (lse - label_logit) + z_loss * lse * lse
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - z.mean(dim=-1))
+    loss = torch.where(counted, loss, 0.0)
+    if not need_grad:
+        return loss, lse, None
+    grad = torch.exp(z - lse[:, None])
+    grad *= (1 + 2 * z_loss * lse)[:, None]
+    if label_smoothing:
+        grad -= label_smoothing / vocab
+    grad.scatter_add_(1, safe_labels[:, None],
+                      torch.full_like(lse[:, None], -(1 - label_smoothing)))
+    grad *= counted[:, None]
+    if softcap is not None:
+        grad *= 1 - tanh * tanh
+    return loss, lse, grad
+
+
+def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """1 / counted rows for "mean" (1 when none are counted, so all-ignored gives 0), else 1."""
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=labels.device)
+    counted = (labels != ignore_index).sum().clamp(min=1)
+    return 1.0 / counted.to(dtype)
+
+
+def _reduce(losses: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
+    return losses if reduction == "none" else losses.sum() * scale
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Cross-entropy over given logits; the gradient is computed in the forward, chunk by
+    chunk, so the backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                chunk_bytes):
+        need_grad = logits.requires_grad
+        acc = math_dtype(logits.dtype)
+        scale = _mean_scale(labels, ignore_index, reduction, acc)
+        losses = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        lse = torch.empty_like(losses)
+        grad = torch.empty_like(logits) if need_grad else None
+        step = rows_per_chunk(logits.shape[1], chunk_bytes)
+        for start in range(0, logits.shape[0], step):
+            rows = slice(start, start + step)
+            losses[rows], lse[rows], chunk_grad = loss_and_grad_rows(
+                logits[rows], labels[rows], ignore_index=ignore_index,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                need_grad=need_grad)
+            if need_grad:
+                grad[rows] = chunk_grad * scale
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(lse)
+        return _reduce(losses, scale, reduction), lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad_loss = grad_loss[:, None]
+        return (grad * grad_loss).to(grad.dtype), None, None, None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: float | None = None, reduction: str = "mean",
+                  return_lse: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """Cross-entropy of logits [N, V] (any float dtype) against labels [N]; see module doc.
+    Inputs are assumed checked by cptfast.ops."""
+    loss, lse = _CrossEntropy.apply(logits, labels, ignore_index, label_smoothing, z_loss,
+                                    softcap, reduction, chunk_bytes)
+    return (loss, lse) if return_lse else loss
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of hidden @ weight.T (+ bias) without ever holding the [N, V] logits.
+
+    For "mean"/"sum" the gradients of hidden, weight and bias are built during the forward,
+    chunk by chunk (grad_weight and grad_bias accumulate in fp32), and the backward scales
+    them. For "none" the per-row weights of the backward are unknown in the forward, so the
+    forward keeps only the losses and the backward recomputes each chunk's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
+                softcap, reduction, chunk_bytes):
+        options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       z_loss=z_loss, softcap=softcap)
+        need_grad = hidden.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad)
+        precompute = need_grad and reduction != "none"
+        scale = _mean_scale(labels, ignore_index, reduction, math_dtype(hidden.dtype))
+        losses, lse, grads = _fused_chunks(hidden, weight, bias, labels, scale, options,
+                                           chunk_bytes, want_grads=precompute)
+        ctx.reduction, ctx.options, ctx.chunk_bytes = reduction, options, chunk_bytes
+        ctx.has_bias = bias is not None
+        if precompute:
+            ctx.save_for_backward(*grads)
+        else:
+            ctx.save_for_backward(hidden, weight, labels, bias)
+        ctx.mark_non_differentiable(lse)
+        return _reduce(losses, scale, reduction), lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        if ctx.reduction != "none":
+            grad_hidden, grad_weight, grad_bias = (
+                None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
+        else:
+            hidden, weight, labels, bias = ctx.saved_tensors
+            _, _, (grad_hidden, grad_weight, grad_bias) = _fused_chunks(
+                hidden, weight, bias, labels, grad_loss, ctx.options, ctx.chunk_bytes,
+                want_grads=True)
+        return (grad_hidden, grad_weight, None, grad_bias if ctx.has_bias else None,
+                None, None, None, None, None, None)
+
+
+def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes, want_grads):
+    """Per-row losses and lse, and with want_grads the gradients of hidden, weight and bias
+    for d(sum of row_scale * loss) (row_scale: a scalar, or one weight per row)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    acc = math_dtype(hidden.dtype)
+    losses = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(losses)
+    grad_hidden = torch.empty_like(hidden) if want_grads else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grads else None
+    grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) \
+        if want_grads and bias is not None else None
+    step = rows_per_chunk(vocab, chunk_bytes)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        logits = hidden[rows] @ weight.T
+        if bias is not None:
+            logits += bias
+        losses[rows], lse[rows], grad = loss_and_grad_rows(
+            logits, labels[rows], need_grad=want_grads, **options)
+        del logits
+        if not want_grads:
+            continue
+        grad *= row_scale[rows, None] if row_scale.dim() else row_scale
+        grad_hidden[rows] = grad.to(hidden.dtype) @ weight
+        grad_weight.addmm_(grad.T, hidden[rows].to(acc))
+        if grad_bias is not None:
+            grad_bias += grad.sum(dim=0)
+    if want_grads:
+        grads = (grad_hidden, grad_weight.to(weight.dtype),
+                 None if grad_bias is None else grad_bias.to(bias.dtype))
+    else:
+        grads = (None, None, None)
+    return losses, lse, grads
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               *, bias: torch.Tensor | None = None, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, z_loss: float = 0.0,
+                               softcap: float | None = None, reduction: str = "mean",
+                               return_lse: bool = False,
+                               chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """Cross-entropy of hidden [N, H] @ weight[V, H].T (+ bias [V]) against labels [N], in row
+    chunks of about ``chunk_bytes`` of fp32 logits; see module doc. Inputs are assumed checked
+    by cptfast.ops."""
+    loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
+                                               label_smoothing, z_loss, softcap, reduction,
+                                               chunk_bytes)
+    return (loss, lse) if return_lse else loss

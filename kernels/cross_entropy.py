@@ -1,0 +1,171 @@
+"""Cross-entropy over [N, V] logits in one Triton program per row.
+
+Math (fp32 whatever the logits' dtype), for a counted row with logits x and label y:
+    z = c * tanh(x / c) with softcap c (else z = x);   lse = log sum_j exp(z_j)
+    loss = (1 - eps) * (lse - z_y) + eps * (lse - mean_j z_j) + z_loss * lse^2
+    dloss/dx_j = (softmax(z)_j * (1 + 2 z_loss lse) - (1 - eps) [j == y] - eps / V) * dz_j/dx_j
+with dz/dx = 1 - (z / c)^2. The program streams the row twice in blocks of BLOCK_V: first an
+online max / sum-of-exponentials (the log-sum-exp without holding the row), then, when a
+gradient is wanted, the gradient itself, already multiplied by the reduction's scale (1 / the
+number of counted rows for "mean"). So the forward leaves the whole gradient behind and the
+backward is one multiplication by the incoming gradient. Ignored rows get loss 0 and a zero
+gradient; a NaN anywhere in a counted row makes its loss NaN. Offsets are 64-bit.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU test path)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _tanh(a):
+    # 1 - 2 / (exp(2a) + 1): exact limits at +-inf; tl has no tanh and libdevice is not
+    # available under the interpreter.
+    return 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+
+
+@triton.jit
+def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    return x
+
+
+@triton.jit
+def cross_entropy_forward_kernel(
+    logits_ptr, logits_row_stride, labels_ptr, loss_ptr, lse_ptr, grad_ptr, grad_row_stride,
+    scale_ptr, vocab, ignore_index, label_smoothing, z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_logits = logits_ptr + row * logits_row_stride
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    counted = label != ignore_index
+
+    # Pass 1: running max m, sum of exp(z - m), sum of z, and a NaN count.
+    m = tl.full([], float("-inf"), tl.float32)
+    sum_exp = tl.zeros([], tl.float32)
+    sum_z = tl.zeros([], tl.float32)
+    nans = tl.zeros([], tl.int32)
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        inside = cols < vocab
+        x = tl.load(row_logits + cols, mask=inside, other=0.0).to(tl.float32)
+        nans += tl.sum((x != x).to(tl.int32), axis=0)
+        z = _capped(x, softcap, HAS_SOFTCAP)
+        sum_z += tl.sum(tl.where(inside, z, 0.0), axis=0)
+        z = tl.where(inside, z, float("-inf"))
+        new_m = tl.maximum(m, tl.max(z, axis=0))
+        sum_exp = sum_exp * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+        m = new_m
+    lse = m + tl.log(sum_exp)
+    lse = tl.where(nans > 0, float("nan"), lse)
+
+    safe_label = tl.where(counted, label, 0)
+    z_label = _capped(tl.load(row_logits + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
+    loss = (1.0 - label_smoothing) * (lse - z_label) + z_loss * lse * lse
+    loss += label_smoothing * (lse - sum_z / vocab)
+    tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+
+    if COMPUTE_GRAD:
+        # Pass 2: the gradient, scaled for the reduction (zero for an ignored row).
+        scale = tl.load(scale_ptr + row if SCALE_PER_ROW else scale_ptr).to(tl.float32)
+        scale = tl.where(counted, scale, 0.0)
+        softmax_factor = 1.0 + 2.0 * z_loss * lse
+        row_grad = grad_ptr + row * grad_row_stride
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            inside = cols < vocab
+            x = tl.load(row_logits + cols, mask=inside, other=0.0).to(tl.float32)
+            z = _capped(x, softcap, HAS_SOFTCAP)
+            grad = tl.exp(z - lse) * softmax_factor - label_smoothing / vocab
+            grad -= tl.where(cols == label, 1.0 - label_smoothing, 0.0)
+            if HAS_SOFTCAP:
+                capped = z / softcap
+                grad *= 1.0 - capped * capped
+            tl.store(row_grad + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=inside)
+
+
+def launch_config(vocab: int) -> dict:
+    """BLOCK_V and num_warps for a vocabulary size (the shipped configurations)."""
+    block = min(triton.next_power_of_2(max(vocab, 1)), 4096)
+    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
+
+
+SHIPPED_CONFIGS = [launch_config(v) for v in (64, 1024, 2048, 4096)]
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *,
+                       ignore_index: int, label_smoothing: float, z_loss: float,
+                       softcap: float | None, grad: torch.Tensor | None):
+    """Per-row loss and lse (fp32 [N]); with ``grad`` ([N, V], any float dtype, may alias
+    ``logits``), also writes dloss/dlogits * scale into it. ``scale`` (fp32) has one element
+    (1 / counted rows for "mean") or one per row; it is read on the device, so there is no host
+    synchronisation."""
+    rows, vocab = logits.shape
+    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(losses)
+    if rows == 0:
+        return losses, lse
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    config = launch_config(vocab)
+    cross_entropy_forward_kernel[(rows,)](
+        logits, logits.stride(0), labels, losses, lse,
+        grad if grad is not None else losses, grad.stride(0) if grad is not None else 0,
+        scale, vocab, ignore_index, float(label_smoothing), float(z_loss),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=grad is not None,
+        SCALE_PER_ROW=scale.numel() > 1, **config)
+    return losses, lse
+
+
+def mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """1 / counted rows for "mean" (1 when none: all-ignored gives 0), else 1; on the device."""
+    if reduction != "mean":
+        return torch.ones(1, dtype=torch.float32, device=labels.device)
+    return 1.0 / (labels != ignore_index).sum().clamp(min=1).float().reshape(1)
+
+
+class _TritonCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction):
+        scale = mean_scale(labels, ignore_index, reduction)
+        grad = torch.empty_like(logits) if logits.requires_grad else None
+        losses, lse = cross_entropy_rows(logits, labels, scale, ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing, z_loss=z_loss,
+                                         softcap=softcap, grad=grad)
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(lse)
+        loss = losses if reduction == "none" else losses.sum() * scale[0]
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad_loss = grad_loss[:, None]
+        return (grad * grad_loss).to(grad.dtype), None, None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: float | None = None, reduction: str = "mean",
+                  return_lse: bool = False):
+    """Triton cross-entropy of logits [N, V] (fp32/bf16/fp16) against labels [N]; see the
+    module docstring. Inputs are assumed checked (cptfast.ops does)."""
+    loss, lse = _TritonCrossEntropy.apply(logits, labels, ignore_index, label_smoothing, z_loss,
+                                          softcap, reduction)
+    return (loss, lse) if return_lse else loss

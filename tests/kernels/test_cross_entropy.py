@@ -1,0 +1,226 @@
+"""Cross-entropy and fused linear cross-entropy, Triton (under TRITON_INTERPRET=1) and the
+PyTorch reference, against a float64 oracle built on torch.nn.functional.cross_entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cptfast
+from cptfast import reference
+
+OPTION_SETS = {
+    "plain": {},
+    "all": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0},
+}
+
+
+def oracle(logits64, labels, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+           softcap=None, reduction="mean"):
+    """float64 loss from PyTorch's own cross-entropy, plus softcap and z-loss around it."""
+    z = softcap * torch.tanh(logits64 / softcap) if softcap is not None else logits64
+    per_row = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none",
+                              label_smoothing=label_smoothing)
+    counted = labels != ignore_index
+    per_row = per_row + torch.where(counted, z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / counted.sum().clamp(min=1) if reduction == "mean" else total
+
+
+def relative_error(got, want):
+    got, want = got.double(), want.double()
+    assert not torch.isnan(got).any(), "NaN in the result"
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))  # noqa
+
+
+def tolerance(dtype):
+    return 1e-2 if dtype == torch.bfloat16 else 1e-5
+
+
+def make_labels(n, vocab, generator, ignore_every=3):
+    labels = torch.randint(0, vocab, (n,), generator=generator)
+    labels[::ignore_every] = -100  # ignored rows, including row 0
+    return labels
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("CPTFAST_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,vocab", [(1, 1), (17, 7), (255, 1000), (17, 32003)])
+def test_cross_entropy(backend, poisoned, n, vocab, dtype, options, reduction):
+    generator = torch.Generator().manual_seed(n * 7919 + vocab)
+    logits = (torch.randn(n, vocab, generator=generator) * 3).to(dtype).requires_grad_()
+    labels = make_labels(n, vocab, generator)
+    kwargs = dict(OPTION_SETS[options], reduction=reduction)
+    loss, lse = cptfast.cross_entropy(logits, labels, return_lse=True, **kwargs)
+    upstream = torch.randn(loss.shape, generator=generator) if reduction == "none" else None
+    (grad,) = torch.autograd.grad(loss, logits, upstream)
+
+    x64 = logits.detach().double().requires_grad_()
+    want = oracle(x64, labels, **kwargs)
+    (want_grad,) = torch.autograd.grad(want, x64, None if upstream is None else upstream.double())
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert relative_error(loss, want) < tolerance(dtype)
+    assert relative_error(grad, want_grad) < tolerance(dtype)
+    z = x64.detach() if "softcap" not in kwargs else 4.0 * torch.tanh(x64.detach() / 4.0)
+    assert relative_error(lse, torch.logsumexp(z, -1)) < 1e-5
+
+
+def test_cross_entropy_many_rows_wide_vocab(backend, poisoned):
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(255, 32003, generator=generator).requires_grad_()
+    labels = make_labels(255, 32003, generator, ignore_every=5)
+    loss = cptfast.cross_entropy(logits, labels, label_smoothing=0.05)
+    (grad,) = torch.autograd.grad(loss, logits)
+    x64 = logits.detach().double().requires_grad_()
+    want = oracle(x64, labels, label_smoothing=0.05)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    assert relative_error(loss, want) < 1e-5 and relative_error(grad, want_grad) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_gradients(backend, poisoned, reduction):
+    logits = torch.randn(9, 50).requires_grad_()
+    labels = torch.full((9,), -100)
+    loss = cptfast.cross_entropy(logits, labels, reduction=reduction, z_loss=0.1)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_nan_input_gives_nan_loss(backend):
+    logits = torch.randn(4, 300)
+    logits[2, 123] = float("nan")
+    labels = torch.tensor([1, 2, 3, 4])
+    assert torch.isnan(cptfast.cross_entropy(logits, labels))
+    assert torch.isnan(cptfast.cross_entropy(logits, labels, reduction="none")[2])
+    logits[2, 123] = float("inf")
+    assert not torch.isfinite(cptfast.cross_entropy(logits, labels))
+
+
+def test_bad_arguments_are_named(backend):
+    logits = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=r"label 10 at row 1 is outside \[0, 10\)"):
+        cptfast.cross_entropy(logits, torch.tensor([0, 10, -100]))
+    with pytest.raises(ValueError, match="label -5 at row 0"):
+        cptfast.cross_entropy(logits, torch.tensor([-5, 1, 2]))
+    with pytest.raises(ValueError, match="labels must have shape \\[3\\]"):
+        cptfast.cross_entropy(logits, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        cptfast.cross_entropy(logits, torch.tensor([0, 1, 2]), reduction="avg")
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        cptfast.cross_entropy(logits, torch.tensor([0, 1, 2]), softcap=0.0)
+    with pytest.raises(ValueError, match="need hidden"):
+        cptfast.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(10, 5),
+                                           torch.tensor([0, 1, 2]))
+
+
+def fused_oracle(hidden, weight, labels, bias, **kwargs):
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return oracle(logits, labels, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,vocab,hidden_size", [(1, 7, 16), (17, 1000, 96), (255, 1000, 16),
+                                                 (17, 32003, 16)])
+def test_fused_linear_cross_entropy(backend, poisoned, monkeypatch, n, vocab, hidden_size, dtype,
+                                    with_bias, options, reduction):
+    # Chunks of ~5 rows, so every case crosses chunk boundaries.
+    from cptfast.kernels import fused_linear_cross_entropy as triton_fused
+    monkeypatch.setattr(triton_fused, "DEFAULT_CHUNK_BYTES", 5 * vocab * dtype.itemsize)
+    monkeypatch.setattr(reference, "DEFAULT_CHUNK_BYTES", 5 * vocab * 8)
+    generator = torch.Generator().manual_seed(n + vocab + hidden_size)
+    hidden = torch.randn(n, hidden_size, generator=generator).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=generator) / hidden_size ** 0.5 * 3) \
+        .to(dtype).requires_grad_()
+    bias = torch.randn(vocab, generator=generator).to(dtype).requires_grad_() if with_bias \
+        else None
+    labels = make_labels(n, vocab, generator)
+    kwargs = dict(OPTION_SETS[options], reduction=reduction)
+    loss = cptfast.fused_linear_cross_entropy(hidden, weight, labels, bias=bias, **kwargs)
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    upstream = torch.randn(loss.shape, generator=generator) if reduction == "none" else None
+    grads = torch.autograd.grad(loss, inputs, upstream)
+
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    want = fused_oracle(inputs64[0], inputs64[1], labels, inputs64[2] if with_bias else None,
+                        **kwargs)
+    want_grads = torch.autograd.grad(want, inputs64,
+                                     None if upstream is None else upstream.double())
+    # In bf16, weight and bias gradients sum rounded per-element gradients over rows, with
+    # cancellation: where PyTorch's own eager bf16 computation is off by more than 1e-2, allow
+    # that error, with 1.5x for the different (equally valid) rounding order.
+    eager_inputs = [t.detach().requires_grad_() for t in inputs]
+    eager = fused_oracle_eager(eager_inputs, labels, with_bias, **kwargs)
+    eager_grads = torch.autograd.grad(eager, eager_inputs, upstream)
+    assert relative_error(loss, want) < tolerance(dtype)
+    for got, expected, baseline, name in zip(grads, want_grads, eager_grads,
+                                             ("hidden", "weight", "bias")):
+        assert got.dtype == dtype, name
+        allowed = tolerance(dtype)
+        if dtype != torch.float32:
+            allowed = max(allowed, 1.5 * relative_error(baseline, expected))
+        assert relative_error(got, expected) < allowed, name
+
+
+def fused_oracle_eager(inputs, labels, with_bias, **kwargs):
+    """The same loss computed the way a user would in eager PyTorch, in the inputs' dtype."""
+    logits = inputs[0] @ inputs[1].T
+    if with_bias:
+        logits = logits + inputs[2]
+    z = kwargs["softcap"] * torch.tanh(logits / kwargs["softcap"]) if kwargs.get("softcap") \
+        else logits
+    per_row = F.cross_entropy(z.float(), labels, reduction="none",
+                              label_smoothing=kwargs.get("label_smoothing", 0.0))
+    per_row = per_row + torch.where(labels != -100,
+                                    kwargs.get("z_loss", 0.0) * torch.logsumexp(z.float(), -1) ** 2,
+                                    0.0)
+    if kwargs["reduction"] == "none":
+        return per_row
+    return per_row.sum() / ((labels != -100).sum().clamp(min=1)
+                            if kwargs["reduction"] == "mean" else 1)
+
+
+def test_fused_with_weight_tied_to_the_embedding(backend):
+    # The same parameter as input embedding and output head: gradients from both uses add up.
+    torch.manual_seed(0)
+    embedding = torch.randn(50, 8, requires_grad=True)
+    tokens = torch.randint(0, 50, (12,))
+    labels = torch.randint(0, 50, (12,))
+    hidden = torch.tanh(embedding[tokens])
+    loss = cptfast.fused_linear_cross_entropy(hidden, embedding, labels)
+    (grad,) = torch.autograd.grad(loss, embedding)
+    e64 = embedding.detach().double().requires_grad_()
+    want = fused_oracle(torch.tanh(e64[tokens]), e64, labels, None)
+    (want_grad,) = torch.autograd.grad(want, e64)
+    assert relative_error(grad, want_grad) < 1e-5
+
+
+def test_reference_gradcheck_in_float64():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, -100, 8, 0, 3, 3])
+    options = dict(label_smoothing=0.2, z_loss=0.1, softcap=3.0)
+    for reduction in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda x: reference.cross_entropy(x, labels, reduction=reduction, **options),
+            (logits,))
+    hidden = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    for reduction in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: reference.fused_linear_cross_entropy(
+                h, w, labels, bias=b, reduction=reduction, chunk_bytes=2 * 9 * 8, **options),
+            (hidden, weight, bias))
