@@ -25,8 +25,9 @@ DEFAULT_CHUNK_BYTES = 64 << 20  # fp32 working set of one chunk of logits
 
 
 def rows_per_chunk(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows whose fp32 logits (and their gradient) fit in about ``chunk_bytes``."""
-    return max(1, chunk_bytes // (8 * max(vocab, 1)))
+    """Rows whose fp32 logits fit in about ``chunk_bytes`` (they become their gradient in
+    place)."""
+    return max(1, chunk_bytes // (4 * max(vocab, 1)))
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,36 +35,42 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def loss_and_grad_rows(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int,
-                       label_smoothing: float, z_loss: float, softcap: float | None,
-                       need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-row loss, lse and (optionally) dloss/dlogits, in fp32 (fp64 for fp64 logits), for
-    one chunk of rows."""
-    z = logits.to(math_dtype(logits.dtype))
+def loss_and_grad_rows_(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *,
+                        ignore_index: int, label_smoothing: float, z_loss: float,
+                        softcap: float | None, need_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and lse of one chunk of logits ``z`` (fp32/fp64, overwritten). With
+    ``need_grad``, ``z`` is left holding dloss/dlogits * scale (scale: one value or one per
+    row). In place, so a chunk costs one buffer of logits and a few per-row vectors."""
     vocab = z.shape[-1]
+    capped_slope = None
     if softcap is not None:
-        tanh = torch.tanh(z / softcap)
-        z = tanh * softcap
+        z.div_(softcap).tanh_()
+        if need_grad:
+            capped_slope = 1 - z * z  # d(c tanh(x/c))/dx, the one extra buffer softcap costs
+        z.mul_(softcap)
     counted = labels != ignore_index
-    safe_labels = torch.where(counted, labels, 0).long()
-    lse = torch.logsumexp(z, dim=-1)
-    label_logit = z.gather(1, safe_labels[:, None])[:, 0]
+    safe_labels = torch.where(counted, labels, 0).long()[:, None]
+    label_logit = z.gather(1, safe_labels)[:, 0]
+    mean_logit = z.mean(dim=-1) if label_smoothing else None
+    row_max = z.amax(dim=-1)  # NaN propagates, so a NaN row gets a NaN loss
+    z.sub_(row_max[:, None]).exp_()
+    sum_exp = z.sum(dim=-1)
+    lse = row_max + sum_exp.log()
     loss = (1 - label_smoothing) * (lse - label_logit) + z_loss * lse * lse
     if label_smoothing:
-        loss = loss + label_smoothing * (lse - z.mean(dim=-1))
+        loss = loss + label_smoothing * (lse - mean_logit)
     loss = torch.where(counted, loss, 0.0)
-    if not need_grad:
-        return loss, lse, None
-    grad = torch.exp(z - lse[:, None])
-    grad *= (1 + 2 * z_loss * lse)[:, None]
-    if label_smoothing:
-        grad -= label_smoothing / vocab
-    grad.scatter_add_(1, safe_labels[:, None],
-                      torch.full_like(lse[:, None], -(1 - label_smoothing)))
-    grad *= counted[:, None]
-    if softcap is not None:
-        grad *= 1 - tanh * tanh
-    return loss, lse, grad
+    if need_grad:
+        # softmax * (1 + 2 z_loss lse) - eps / V - (1 - eps) [j == y], zero for ignored rows
+        z.mul_(((1 + 2 * z_loss * lse) / sum_exp)[:, None])
+        if label_smoothing:
+            z.sub_(label_smoothing / vocab)
+        z.scatter_add_(1, safe_labels, torch.full_like(lse[:, None], -(1 - label_smoothing)))
+        z.mul_((counted * scale)[:, None])
+        if capped_slope is not None:
+            z.mul_(capped_slope)
+    return loss, lse
 
 
 def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str,
@@ -77,6 +84,19 @@ def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str,
 
 def _reduce(losses: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
     return losses if reduction == "none" else losses.sum() * scale
+
+
+def scale_saved_gradients(ctx, grad_loss: torch.Tensor, *grads):
+    """The backward of a loss whose gradients the forward already computed: multiply them by
+    the incoming gradient. When that is 1 (a plain ``loss.backward()``) the saved tensors are
+    returned as they are, so they become the inputs' .grad without a copy of their size; they
+    are never modified, so repeated backwards (gradcheck, retain_graph) stay correct. (The
+    Triton path scales in place instead, as checking for 1 would cost a GPU synchronisation.)"""
+    if ctx.reduction == "none":
+        grad_loss = grad_loss[:, None]
+    elif bool(grad_loss == 1):
+        return grads
+    return tuple(None if g is None else (g * grad_loss).to(g.dtype) for g in grads)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -93,14 +113,18 @@ class _CrossEntropy(torch.autograd.Function):
         lse = torch.empty_like(losses)
         grad = torch.empty_like(logits) if need_grad else None
         step = rows_per_chunk(logits.shape[1], chunk_bytes)
+        buffer = torch.empty((min(step, logits.shape[0]), logits.shape[1]), dtype=acc,
+                             device=logits.device)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
-            losses[rows], lse[rows], chunk_grad = loss_and_grad_rows(
-                logits[rows], labels[rows], ignore_index=ignore_index,
+            z = buffer[: logits[rows].shape[0]]
+            z.copy_(logits[rows])
+            losses[rows], lse[rows] = loss_and_grad_rows_(
+                z, labels[rows], scale, ignore_index=ignore_index,
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                 need_grad=need_grad)
             if need_grad:
-                grad[rows] = chunk_grad * scale
+                grad[rows] = z
         ctx.reduction = reduction
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
@@ -109,9 +133,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad_loss = grad_loss[:, None]
-        return (grad * grad_loss).to(grad.dtype), None, None, None, None, None, None, None
+        return *scale_saved_gradients(ctx, grad_loss, grad), None, None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
@@ -157,8 +179,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         if ctx.reduction != "none":
-            grad_hidden, grad_weight, grad_bias = (
-                None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
+            grad_hidden, grad_weight, grad_bias = scale_saved_gradients(
+                ctx, grad_loss, *ctx.saved_tensors)
         else:
             hidden, weight, labels, bias = ctx.saved_tensors
             _, _, (grad_hidden, grad_weight, grad_bias) = _fused_chunks(
@@ -180,17 +202,22 @@ def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes,
     grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) \
         if want_grads and bias is not None else None
     step = rows_per_chunk(vocab, chunk_bytes)
+    buffer = torch.empty((min(step, n), vocab), dtype=acc, device=hidden.device)
     for start in range(0, n, step):
         rows = slice(start, start + step)
-        logits = hidden[rows] @ weight.T
+        z = buffer[: hidden[rows].shape[0]]
+        if hidden.dtype == acc and weight.dtype == acc:
+            torch.mm(hidden[rows], weight.T, out=z)
+        else:
+            z.copy_(hidden[rows] @ weight.T)
         if bias is not None:
-            logits += bias
-        losses[rows], lse[rows], grad = loss_and_grad_rows(
-            logits, labels[rows], need_grad=want_grads, **options)
-        del logits
+            z += bias
+        losses[rows], lse[rows] = loss_and_grad_rows_(
+            z, labels[rows], row_scale[rows] if row_scale.dim() else row_scale,
+            need_grad=want_grads, **options)
         if not want_grads:
             continue
-        grad *= row_scale[rows, None] if row_scale.dim() else row_scale
+        grad = z  # now dloss/dlogits, scaled
         grad_hidden[rows] = grad.to(hidden.dtype) @ weight
         grad_weight.addmm_(grad.T, hidden[rows].to(acc))
         if grad_bias is not None:

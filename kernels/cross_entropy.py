@@ -139,6 +139,16 @@ def mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> torch
     return 1.0 / (labels != ignore_index).sum().clamp(min=1).float().reshape(1)
 
 
+def scale_saved_gradients(ctx, grad_loss: torch.Tensor, *grads):
+    """The backward of a loss whose gradients the forward already computed: scale them in
+    place, so each becomes its input's .grad without a copy of its size. None passes through.
+    A second backward through the same graph (retain_graph=True) is refused by autograd's
+    saved-tensor version check rather than scaling twice."""
+    if ctx.reduction == "none":
+        grad_loss = grad_loss[:, None]
+    return tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+
+
 class _TritonCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction):
@@ -156,9 +166,7 @@ class _TritonCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad_loss = grad_loss[:, None]
-        return (grad * grad_loss).to(grad.dtype), None, None, None, None, None, None
+        return *scale_saved_gradients(ctx, grad_loss, grad), None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,

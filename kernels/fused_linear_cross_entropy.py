@@ -13,7 +13,7 @@ fp32 grad_weight. No host synchronisation: the "mean" scale stays on the device.
 
 import torch
 
-from .cross_entropy import cross_entropy_rows, mean_scale
+from .cross_entropy import cross_entropy_rows, mean_scale, scale_saved_gradients
 
 DEFAULT_CHUNK_BYTES = 256 << 20  # one chunk of logits, in the logits' dtype
 
@@ -95,8 +95,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         if ctx.reduction != "none":
-            grad_hidden, grad_weight, grad_bias = (
-                None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
+            grad_hidden, grad_weight, grad_bias = scale_saved_gradients(
+                ctx, grad_loss, *ctx.saved_tensors)
         else:
             hidden, weight, labels, bias = ctx.saved_tensors
             _, _, (grad_hidden, grad_weight, grad_bias) = _chunks(

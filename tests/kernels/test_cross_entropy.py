@@ -224,3 +224,17 @@ def test_reference_gradcheck_in_float64():
             lambda h, w, b: reference.fused_linear_cross_entropy(
                 h, w, labels, bias=b, reduction=reduction, chunk_bytes=2 * 9 * 8, **options),
             (hidden, weight, bias))
+
+
+def test_second_backward_through_the_same_graph(backend):
+    # The reference keeps its saved gradients intact; the Triton path scales them in place
+    # (no GPU sync to test for a unit scale), so autograd refuses a second backward there.
+    logits = torch.randn(4, 20, requires_grad=True)
+    loss = cptfast.cross_entropy(logits, torch.tensor([1, 2, 3, 4])) * 2
+    (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    if backend == "torch":
+        (second,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(first, second)
+    else:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(loss, logits)
