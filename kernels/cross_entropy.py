@@ -121,6 +121,9 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
         return losses, lse
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    labels, scale = labels.contiguous(), scale.contiguous()
+    if grad is not None and grad.stride(1) != 1:
+        raise ValueError("grad must be contiguous along the vocabulary")
     config = launch_config(vocab)
     cross_entropy_forward_kernel[(rows,)](
         logits, logits.stride(0), labels, losses, lse,
@@ -153,7 +156,8 @@ class _TritonCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction):
         scale = mean_scale(labels, ignore_index, reduction)
-        grad = torch.empty_like(logits) if logits.requires_grad else None
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
+            if logits.requires_grad else None
         losses, lse = cross_entropy_rows(logits, labels, scale, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing, z_loss=z_loss,
                                          softcap=softcap, grad=grad)

@@ -238,3 +238,26 @@ def test_second_backward_through_the_same_graph(backend):
     else:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             torch.autograd.grad(loss, logits)
+
+
+def test_strided_inputs(backend, poisoned):
+    # A transposed view of logits and every-other-element labels: strides the kernel must honour.
+    generator = torch.Generator().manual_seed(11)
+    storage = torch.randn(300, 2 * 23, generator=generator)
+    logits = storage.T[::2].detach().requires_grad_()       # [23, 300], column stride 46
+    labels = torch.randint(0, 300, (46,), generator=generator)[::2]
+    labels[4] = -100
+    loss = cptfast.cross_entropy(logits, labels, reduction="sum", z_loss=0.01)
+    (grad,) = torch.autograd.grad(loss, logits)
+    x64 = logits.detach().double().requires_grad_()
+    want = oracle(x64, labels, reduction="sum", z_loss=0.01)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    assert relative_error(loss, want) < 1e-5 and relative_error(grad, want_grad) < 1e-5
+    hidden = torch.randn(40, 8, generator=generator)[::2].requires_grad_()   # row stride 16
+    weight = torch.randn(8, 300, generator=generator).T.requires_grad_()      # [300, 8] transposed
+    loss = cptfast.fused_linear_cross_entropy(hidden, weight, labels[:20])
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    inputs64 = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    want = fused_oracle(*inputs64, labels[:20], None)
+    for got, expected in zip(grads, torch.autograd.grad(want, inputs64)):
+        assert relative_error(got, expected) < 1e-5
