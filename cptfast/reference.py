@@ -24,7 +24,7 @@ REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_CHUNK_BYTES = 64 << 20  # fp32 working set of one chunk of logits
 
 
-def rows_per_chunk(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
     """Rows whose fp32 logits fit in about ``chunk_bytes`` (they become their gradient in
     place)."""
     return max(1, chunk_bytes // (4 * max(vocab, 1)))
@@ -139,11 +139,11 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                   label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: float | None = None, reduction: str = "mean",
-                  return_lse: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                  return_lse: bool = False, chunk_bytes: int | None = None):
     """Cross-entropy of logits [N, V] (any float dtype) against labels [N]; see module doc.
     Inputs are assumed checked by cptfast.ops."""
     loss, lse = _CrossEntropy.apply(logits, labels, ignore_index, label_smoothing, z_loss,
-                                    softcap, reduction, chunk_bytes)
+                                    softcap, reduction, chunk_bytes or DEFAULT_CHUNK_BYTES)
     return (loss, lse) if return_lse else loss
 
 
@@ -234,12 +234,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                *, bias: torch.Tensor | None = None, ignore_index: int = -100,
                                label_smoothing: float = 0.0, z_loss: float = 0.0,
                                softcap: float | None = None, reduction: str = "mean",
-                               return_lse: bool = False,
-                               chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                               return_lse: bool = False, chunk_bytes: int | None = None):
     """Cross-entropy of hidden [N, H] @ weight[V, H].T (+ bias [V]) against labels [N], in row
     chunks of about ``chunk_bytes`` of fp32 logits; see module doc. Inputs are assumed checked
     by cptfast.ops."""
     loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
                                                label_smoothing, z_loss, softcap, reduction,
-                                               chunk_bytes)
+                                               chunk_bytes or DEFAULT_CHUNK_BYTES)
     return (loss, lse) if return_lse else loss

@@ -128,18 +128,29 @@ def fused_oracle(hidden, weight, labels, bias, **kwargs):
     return oracle(logits, labels, **kwargs)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", OPTION_SETS, ids=str)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("n,vocab,hidden_size", [(1, 7, 16), (17, 1000, 96), (255, 1000, 16),
-                                                 (17, 32003, 16)])
+def fused_cases():
+    """Every option x reduction x bias x dtype at the small shapes; at V=32003 (slow under
+    the interpreter) every option and reduction once, alternating dtype and bias."""
+    cases = []
+    for n, vocab, hidden_size in [(1, 7, 16), (17, 1000, 96), (255, 1000, 16)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for with_bias in (False, True):
+                for options in OPTION_SETS:
+                    for reduction in ("mean", "sum", "none"):
+                        cases.append((n, vocab, hidden_size, dtype, with_bias, options, reduction))
+    for k, (options, reduction) in enumerate(
+            (o, r) for o in OPTION_SETS for r in ("mean", "sum", "none")):
+        dtype = (torch.float32, torch.bfloat16)[k % 2]
+        cases.append((17, 32003, 16, dtype, k % 3 == 0, options, reduction))
+    return cases
+
+
+@pytest.mark.parametrize("n,vocab,hidden_size,dtype,with_bias,options,reduction", fused_cases())
 def test_fused_linear_cross_entropy(backend, poisoned, monkeypatch, n, vocab, hidden_size, dtype,
                                     with_bias, options, reduction):
-    # Chunks of ~5 rows, so every case crosses chunk boundaries.
-    from cptfast.kernels import fused_linear_cross_entropy as triton_fused
-    monkeypatch.setattr(triton_fused, "DEFAULT_CHUNK_BYTES", 5 * vocab * dtype.itemsize)
-    monkeypatch.setattr(reference, "DEFAULT_CHUNK_BYTES", 5 * vocab * 8)
+    # Reference chunks of ~5 rows, so every case crosses chunk boundaries (the Triton kernel's
+    # 64-row x 128-column tiles are crossed by the sizes themselves).
+    monkeypatch.setattr(reference, "DEFAULT_CHUNK_BYTES", 5 * vocab * 4)
     generator = torch.Generator().manual_seed(n + vocab + hidden_size)
     hidden = torch.randn(n, hidden_size, generator=generator).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, generator=generator) / hidden_size ** 0.5 * 3) \
