@@ -40,8 +40,9 @@ def _check_loss_options(label_smoothing: float, z_loss: float, softcap: float | 
 def _check_labels(labels: torch.Tensor, rows: int, vocab: int, ignore_index: int) -> None:
     """Labels are integers, one per row, each in [0, vocab) or ignore_index.
 
-    On the CPU the range check is exact and raises ValueError. On a GPU it is a device-side
-    assertion (no host synchronisation): a bad label aborts the CUDA context loudly.
+    On the CPU the range check is exact and raises ValueError. On a GPU, and under
+    torch.compile, it is an asynchronous assertion instead (no host synchronisation, no graph
+    break): a bad label fails loudly when the assertion runs.
     """
     if labels.dim() != 1 or labels.shape[0] != rows:
         raise ValueError(f"labels must have shape [{rows}] (one per row, already aligned with "
@@ -49,7 +50,7 @@ def _check_labels(labels: torch.Tensor, rows: int, vocab: int, ignore_index: int
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if labels.is_cuda:
+    if labels.is_cuda or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), "cptfast: a label is outside [0, vocab) and is not "
                                         "ignore_index")
     elif bad.any():

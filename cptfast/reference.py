@@ -94,7 +94,7 @@ def scale_saved_gradients(ctx, grad_loss: torch.Tensor, *grads):
     Triton path scales in place instead, as checking for 1 would cost a GPU synchronisation.)"""
     if ctx.reduction == "none":
         grad_loss = grad_loss[:, None]
-    elif bool(grad_loss == 1):
+    elif not torch.compiler.is_compiling() and bool(grad_loss == 1):
         return grads
     return tuple(None if g is None else (g * grad_loss).to(g.dtype) for g in grads)
 
