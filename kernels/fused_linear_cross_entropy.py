@@ -1,25 +1,32 @@
-"""Fused linear cross-entropy: the loss of hidden [N, H] @ weight[V, H].T (+ bias) that never
-writes a logit to memory (the idea of Cut Cross-Entropy, kept exact).
+"""Fused linear cross-entropy: the loss of hidden [N, H] @ weight[V, H].T (+ bias) without
+the [N, V] logits in memory, exact (nothing filtered or skipped).
 
-Forward: one program per block of BLOCK_N rows walks the vocabulary in tiles of BLOCK_V; each
-tile of logits is computed in registers (tl.dot over H in steps of BLOCK_H), soft-capped, and
-folded into a running max / sum of exponentials per row, together with the sum of the logits
-(label smoothing) and the label's logit. Only the per-row lse and loss are written.
+Two paths, each where it is cheapest:
 
-Backward: one program per (row block, vocabulary tile) recomputes its tile of logits, turns it
-into the gradient with the saved lse (the rule of cross_entropy.py, times the incoming
-gradient of each row), and adds G @ weight_tile into grad_hidden and G.T @ hidden_block into
-grad_weight (and G's column sums into grad_bias) with fp32 atomics. Nothing is filtered or
-skipped, so the gradients are exact up to fp32 summation order. Cost: the forward matmul once
-and the backward three times (recompute, two gradients), against three for the naive version,
-but no [N, V] buffer at all: extra memory is the fp32 gradient accumulators.
+- Loss only (no gradient wanted, or reduction "none" whose backward weights are unknown until
+  the backward): a Triton kernel in the manner of Cut Cross-Entropy. One program per block of
+  BLOCK_N rows walks the vocabulary in BLOCK_V tiles; each tile of logits lives only in
+  registers (tl.dot over H in BLOCK_H steps, tensor cores, wgmma on sm_90), soft-capped and
+  folded into a running max / sum of exponentials, the sum of the logits (label smoothing)
+  and the label's logit. Only the per-row lse and loss are written: no extra memory at all.
+- Gradients: rows in chunks sized from a memory budget. Each chunk's logits go into one
+  reusable buffer (cuBLAS), the cross-entropy kernel (cross_entropy.py) turns them into their
+  gradient in place, and that becomes the chunk's part of grad_hidden (g @ weight), of
+  grad_weight (+= g.T @ hidden, fp32) and of grad_bias. Three matmuls in all, the minimum,
+  with no atomics; for "mean"/"sum" this runs inside the forward and the backward is a scale,
+  for "none" it runs in the backward with each row's incoming gradient.
+
+(A tile kernel for the gradients too needs fp32 atomics for every (row block, vocabulary
+tile) into both grad_hidden and grad_weight — about N*V*H/32 atomic adds each at BLOCK=64 —
+plus a fourth matmul; it was written, tested exact, and dropped as slower.)
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _capped, interpreting, mean_scale
+from .cross_entropy import (_capped, cross_entropy_rows, interpreting, mean_scale,
+                            scale_saved_gradients)
 
 
 @triton.jit
@@ -81,164 +88,153 @@ def fused_linear_cross_entropy_forward_kernel(
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
-@triton.jit
-def fused_linear_cross_entropy_backward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, lse_ptr, row_scale_ptr,
-    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, n_rows, vocab, hidden_size,
-    stride_hn, stride_hh, stride_wv, stride_wh, ignore_index, label_smoothing, z_loss, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FP32_DOT: tl.constexpr,
-    SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < n_rows
-    col_ok = cols < vocab
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    if SCALE_PER_ROW:
-        scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    else:
-        scale = tl.zeros((BLOCK_N,), tl.float32) + tl.load(row_scale_ptr).to(tl.float32)
-    scale = tl.where(row_ok & (labels != ignore_index), scale, 0.0)
-
-    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hidden_size,
-                    stride_hn, stride_hh, stride_wv, stride_wh, softcap, HAS_BIAS, HAS_SOFTCAP,
-                    FP32_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
-    grad = tl.exp(z - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / vocab
-    grad -= tl.where(cols[None, :] == labels[:, None], 1.0 - label_smoothing, 0.0)
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        grad *= 1.0 - capped * capped
-    grad = tl.where(col_ok[None, :], grad * scale[:, None], 0.0)
-    if HAS_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, axis=0), mask=col_ok)
-    if not FP32_DOT:
-        grad = grad.to(hidden_ptr.dtype.element_ty)  # tensor-core operands
-    for k0 in range(0, hidden_size, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < hidden_size
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wh,
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if FP32_DOT:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :],
-                      tl.dot(grad, w), mask=row_ok[:, None] & k_ok[None, :])
-        tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :],
-                      tl.dot(tl.trans(grad), h), mask=col_ok[:, None] & k_ok[None, :])
-
-
 def launch_config(hidden_size: int) -> dict:
-    """Tile sizes and warps: the one shipped configuration. 64 x 64 logit tiles, BLOCK_H = 32
-    and 8 warps compile without spills for sm_80 and sm_90 in every dtype and use wgmma on
-    sm_90; 128-wide tiles or BLOCK_H = 64 spill, and so does the fp32 backward at BLOCK_H = 16
-    on sm_80 (tests/kernels/test_aot.py checks what ships)."""
+    """Tile sizes and warps of the tile kernel: the one shipped configuration. 64 x 64 logit
+    tiles with BLOCK_H = 32 and 8 warps compile without spills for sm_80 and sm_90 in every
+    dtype and use wgmma on sm_90; 128-wide tiles or BLOCK_H = 64 spill
+    (tests/kernels/test_aot.py checks what ships)."""
     return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8}
 
 
 SHIPPED_CONFIGS = [launch_config(0)]
 
 
-def _strides(hidden, weight):
-    return hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1)
+DEFAULT_CHUNK_BYTES = 256 << 20  # one chunk of logits, in the logits' dtype
+
+
+def rows_per_chunk(vocab: int, itemsize: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // (itemsize * max(vocab, 1)))
+
+
+def _tile_losses(hidden, weight, bias, labels, options):
+    """Per-row losses and lse from the tile kernel: no logits in memory."""
+    n, hidden_size = hidden.shape
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(losses)
+    if n == 0:
+        return losses, lse
+    config = launch_config(hidden_size)
+    fused_linear_cross_entropy_forward_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
+        hidden, weight, bias if bias is not None else hidden, labels, losses, lse, n,
+        weight.shape[0], hidden_size, hidden.stride(0), hidden.stride(1), weight.stride(0),
+        weight.stride(1), options["ignore_index"], float(options["label_smoothing"]),
+        float(options["z_loss"]), float(options["softcap"] or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=options["softcap"] is not None,
+        FP32_DOT=interpreting() or hidden.dtype == torch.float32, **config)
+    return losses, lse
+
+
+def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b, with a and b in their own (possibly half) dtype."""
+    if a.dtype == torch.float32:
+        out.addmm_(a, b)
+    else:
+        try:  # fp32 result straight from the half-precision matmul, without a half round trip
+            out += torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            out.addmm_(a.float(), b.float())
+
+
+def _chunk_gradients(hidden, weight, bias, labels, row_scale, options, chunk_bytes):
+    """Per-row losses and lse, and the gradients of hidden, weight and bias of
+    sum(row_scale * loss); row_scale (fp32) has one element or one per row."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(losses)
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
+        if bias is not None else None
+    per_row = row_scale.numel() > 1
+    step = rows_per_chunk(vocab, hidden.element_size(), chunk_bytes)
+    buffer = torch.empty((min(step, n), vocab), dtype=hidden.dtype, device=hidden.device)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        logits = buffer[: min(step, n - start)]
+        if bias is not None:
+            torch.addmm(bias, hidden[rows], weight.T, out=logits)
+        else:
+            torch.mm(hidden[rows], weight.T, out=logits)
+        losses[rows], lse[rows] = cross_entropy_rows(
+            logits, labels[rows], row_scale[rows] if per_row else row_scale, grad=logits,
+            **options)
+        grad = logits  # the kernel overwrote the logits with their (scaled) gradient
+        torch.mm(grad, weight, out=grad_hidden[rows])
+        _accumulate_fp32(grad_weight, grad.T, hidden[rows])
+        if grad_bias is not None:
+            grad_bias += grad.sum(dim=0, dtype=torch.float32)
+    return losses, lse, (grad_hidden, grad_weight.to(weight.dtype),
+                         None if grad_bias is None else grad_bias.to(bias.dtype))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
-                softcap, reduction):
-        n, hidden_size = hidden.shape
-        vocab = weight.shape[0]
+                softcap, reduction, chunk_bytes):
         labels = labels.contiguous()
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(losses)
-        config = launch_config(hidden_size)
-        flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                     FP32_DOT=interpreting() or hidden.dtype == torch.float32)
-        options = (ignore_index, float(label_smoothing), float(z_loss),
-                   float(softcap) if softcap is not None else 1.0)
-        if n > 0:
-            grid = (triton.cdiv(n, config["BLOCK_N"]),)
-            fused_linear_cross_entropy_forward_kernel[grid](
-                hidden, weight, bias if bias is not None else hidden, labels, losses, lse, n,
-                vocab, hidden_size, *_strides(hidden, weight), *options, **flags, **config)
+        options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       z_loss=z_loss, softcap=softcap)
+        need_grad = hidden.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad)
         scale = mean_scale(labels, ignore_index, reduction)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, scale)
-        ctx.reduction, ctx.options, ctx.flags, ctx.config = reduction, options, flags, config
+        ctx.reduction, ctx.options, ctx.chunk_bytes = reduction, options, chunk_bytes
+        ctx.has_bias = bias is not None
+        if need_grad and reduction != "none":
+            losses, lse, grads = _chunk_gradients(hidden, weight, bias, labels, scale, options,
+                                                  chunk_bytes)
+            ctx.save_for_backward(*grads)
+        else:
+            losses, lse = _tile_losses(hidden, weight, bias, labels, options)
+            ctx.save_for_backward(hidden, weight, labels, bias)
         ctx.mark_non_differentiable(lse)
         loss = losses if reduction == "none" else losses.sum() * scale[0]
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        hidden, weight, bias, labels, lse, scale = ctx.saved_tensors
-        n, hidden_size = hidden.shape
-        vocab = weight.shape[0]
-        row_scale = (grad_loss.float() if ctx.reduction == "none"
-                     else scale * grad_loss.float()).contiguous()
-        grad_hidden = torch.zeros((n, hidden_size), dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32,
-                                  device=weight.device)
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
-            if bias is not None else None
-        if n > 0:
-            config = ctx.config
-            grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(vocab, config["BLOCK_V"]))
-            fused_linear_cross_entropy_backward_kernel[grid](
-                hidden, weight, bias if bias is not None else hidden, labels, lse, row_scale,
-                grad_hidden, grad_weight, grad_bias if grad_bias is not None else grad_hidden,
-                n, vocab, hidden_size, *_strides(hidden, weight), *ctx.options,
-                SCALE_PER_ROW=ctx.reduction == "none", **ctx.flags, **config)
-        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None,
-                None if bias is None else grad_bias.to(bias.dtype),
-                None, None, None, None, None)
+        if ctx.reduction != "none":
+            grad_hidden, grad_weight, grad_bias = scale_saved_gradients(
+                ctx, grad_loss, *ctx.saved_tensors)
+        else:
+            hidden, weight, labels, bias = ctx.saved_tensors
+            _, _, (grad_hidden, grad_weight, grad_bias) = _chunk_gradients(
+                hidden, weight, bias, labels, grad_loss.float().contiguous(), ctx.options,
+                ctx.chunk_bytes)
+        return (grad_hidden, grad_weight, None, grad_bias if ctx.has_bias else None,
+                None, None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                *, bias: torch.Tensor | None = None, ignore_index: int = -100,
                                label_smoothing: float = 0.0, z_loss: float = 0.0,
                                softcap: float | None = None, reduction: str = "mean",
-                               return_lse: bool = False):
+                               return_lse: bool = False, chunk_bytes: int | None = None):
     """Cross-entropy of hidden [N, H] @ weight [V, H].T (+ bias [V]) against labels [N];
-    semantics of cross_entropy.py. Inputs are assumed checked (cptfast.ops does)."""
+    semantics of cross_entropy.py; gradients in row chunks of about ``chunk_bytes`` of logits.
+    Inputs are assumed checked (cptfast.ops does)."""
     loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
-                                               label_smoothing, z_loss, softcap, reduction)
+                                               label_smoothing, z_loss, softcap, reduction,
+                                               chunk_bytes or DEFAULT_CHUNK_BYTES)
     return (loss, lse) if return_lse else loss
 
 
 def aot_specs() -> list[dict]:
-    """Every shipped configuration of both kernels, for ahead-of-time compilation checks."""
+    """Every shipped configuration of the tile kernel, for ahead-of-time compilation checks."""
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
         for config in SHIPPED_CONFIGS:
-            common = {
-                "hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
-                "labels_ptr": "*i64"}
-            sizes = {"n_rows": "i32", "vocab": "i32", "hidden_size": "i32", "stride_hn": "i32",
-                     "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32",
-                     "ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32",
-                     "softcap": "fp32"}
             flags = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "FP32_DOT": dtype == "fp32",
                      "BLOCK_N": config["BLOCK_N"], "BLOCK_V": config["BLOCK_V"],
                      "BLOCK_H": config["BLOCK_H"]}
-            forward = {**common, "loss_ptr": "*fp32", "lse_ptr": "*fp32", **sizes,
-                       **{k: "constexpr" for k in flags}}
-            backward = {**common, "lse_ptr": "*fp32", "row_scale_ptr": "*fp32",
-                        "grad_hidden_ptr": "*fp32", "grad_weight_ptr": "*fp32",
-                        "grad_bias_ptr": "*fp32", **sizes,
-                        **{k: "constexpr" for k in ("HAS_BIAS", "HAS_SOFTCAP", "FP32_DOT",
-                                                    "SCALE_PER_ROW", "BLOCK_N", "BLOCK_V",
-                                                    "BLOCK_H")}}
-            suffix = f"[{dtype},BLOCK_H={config['BLOCK_H']}]"
-            specs.append({"name": "fused_linear_ce_forward" + suffix,
+            signature = {
+                "hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+                "labels_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "n_rows": "i32",
+                "vocab": "i32", "hidden_size": "i32", "stride_hn": "i32", "stride_hh": "i32",
+                "stride_wv": "i32", "stride_wh": "i32", "ignore_index": "i32",
+                "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32",
+                **{name: "constexpr" for name in flags}}
+            specs.append({"name": f"fused_linear_ce_forward[{dtype}]",
                           "fn": fused_linear_cross_entropy_forward_kernel,
-                          "signature": forward, "constexprs": flags,
-                          "num_warps": config["num_warps"]})
-            specs.append({"name": "fused_linear_ce_backward" + suffix,
-                          "fn": fused_linear_cross_entropy_backward_kernel,
-                          "signature": backward, "constexprs": {**flags, "SCALE_PER_ROW": True},
+                          "signature": signature, "constexprs": flags,
                           "num_warps": config["num_warps"]})
     return specs

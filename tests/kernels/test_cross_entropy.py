@@ -145,15 +145,19 @@ def fused_cases():
             (o, r) for o in OPTION_SETS for r in ("mean", "sum", "none")):
         dtype = (torch.float32, torch.bfloat16)[k % 2]
         cases.append((17, 32003, 16, dtype, k % 3 == 0, options, reduction))
-    return cases
+    return [pytest.param(*case, id=f"N{case[0]}-V{case[1]}-H{case[2]}-{str(case[3])[6:]}-"
+                                   f"{'bias' if case[4] else 'nobias'}-{case[5]}-{case[6]}")
+            for case in cases]
 
 
 @pytest.mark.parametrize("n,vocab,hidden_size,dtype,with_bias,options,reduction", fused_cases())
 def test_fused_linear_cross_entropy(backend, poisoned, monkeypatch, n, vocab, hidden_size, dtype,
                                     with_bias, options, reduction):
-    # Reference chunks of ~5 rows, so every case crosses chunk boundaries (the Triton kernel's
-    # 64-row x 128-column tiles are crossed by the sizes themselves).
+    # Chunks of ~5 rows, so every case crosses chunk boundaries (the Triton tile kernel's
+    # 64 x 64 tiles are crossed by the sizes themselves).
+    from cptfast.kernels import fused_linear_cross_entropy as triton_fused
     monkeypatch.setattr(reference, "DEFAULT_CHUNK_BYTES", 5 * vocab * 4)
+    monkeypatch.setattr(triton_fused, "DEFAULT_CHUNK_BYTES", 5 * vocab * dtype.itemsize)
     generator = torch.Generator().manual_seed(n + vocab + hidden_size)
     hidden = torch.randn(n, hidden_size, generator=generator).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, generator=generator) / hidden_size ** 0.5 * 3) \
@@ -304,3 +308,22 @@ def test_reference_path_compiles_without_graph_breaks(monkeypatch):
     got = torch.autograd.grad(compiled(hidden, weight), (hidden, weight))
     want = torch.autograd.grad(loss_fn(hidden, weight), (hidden, weight))
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_loss_without_gradients(backend, poisoned, dtype, options):
+    # Without gradients the Triton path runs the tile kernel: logits only in registers.
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(70, 40, generator=generator).to(dtype)
+    weight = (torch.randn(333, 40, generator=generator) / 3).to(dtype)
+    bias = torch.randn(333, generator=generator).to(dtype)
+    labels = make_labels(70, 333, generator)
+    with torch.no_grad():
+        loss, lse = cptfast.fused_linear_cross_entropy(hidden, weight, labels, bias=bias,
+                                                       return_lse=True, **OPTION_SETS[options])
+    logits = hidden.double() @ weight.double().T + bias.double()
+    want = oracle(logits, labels, **OPTION_SETS[options])
+    z = 4.0 * torch.tanh(logits / 4.0) if options == "all" else logits
+    assert relative_error(loss, want) < tolerance(dtype)
+    assert relative_error(lse, torch.logsumexp(z, -1)) < tolerance(dtype)
