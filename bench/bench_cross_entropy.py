@@ -100,8 +100,37 @@ def test_fused_linear_cross_entropy_gpu(benchmark, n):
     _, ours_mem = measure(ours)
     benchmark.extra_info.update(eager_ms=eager_ms, ours_ms=ours_ms, eager_mem=eager_mem,
                                 ours_mem=ours_mem)
+    for name, fn in other_baselines(hidden, weight, labels, eager).items():
+        try:
+            their_ms, their_mem = measure(fn)
+        except Exception as error:  # a baseline that breaks is reported, not fatal
+            record_ratio(f"fused linear CE (GPU, N={n})", name, float("nan"), f"failed: {error}")
+            continue
+        record_ratio(f"fused linear CE fwd+bwd time (GPU, N={n})", name, their_ms / ours_ms,
+                     f"{their_ms:.2f} ms, {their_mem / 2**20:,.0f} MiB")
     record_ratio(f"fused linear CE fwd+bwd time (GPU, N={n})", "eager bf16",
                  eager_ms / ours_ms, f"{ours_ms:.2f} ms vs {eager_ms:.2f} ms (goal >= 1.54x)")
     record_ratio(f"fused linear CE peak memory (GPU, N={n})", "eager bf16",
                  eager_mem / max(ours_mem, 1), f"{ours_mem / 2**20:,.0f} MiB vs "
                                                f"{eager_mem / 2**20:,.0f} MiB")
+
+
+def other_baselines(hidden, weight, labels, eager):
+    """torch.compile of the eager version, and Liger-Kernel / Cut Cross-Entropy when installed
+    (each skipped, with the reason in the report, when not)."""
+    baselines = {"torch.compile(eager)": torch.compile(eager)}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        baselines["Liger-Kernel"] = lambda: liger_fused_linear_cross_entropy(
+            hidden, weight, labels).backward()
+    except ImportError:
+        record_ratio("fused linear CE (GPU)", "Liger-Kernel", float("nan"), "not installed")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        baselines["Cut Cross-Entropy"] = lambda: linear_cross_entropy(
+            hidden, weight, labels).backward()
+    except ImportError:
+        record_ratio("fused linear CE (GPU)", "Cut Cross-Entropy", float("nan"), "not installed")
+    return baselines
