@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "errors", "ops", "reference")
-_FROM_OPS = ("cross_entropy", "fused_linear_cross_entropy")
+_FROM_OPS = ("cross_entropy", "fused_linear_cross_entropy", "varlen_attention")
 
 
 def __getattr__(name: str):

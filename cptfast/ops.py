@@ -107,3 +107,65 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
             fused_linear_cross_entropy as triton_fused
         return triton_fused(hidden, weight, labels, **options)
     return reference.fused_linear_cross_entropy(hidden, weight, labels, **options)
+
+
+def _check_attention(q, k, v, cu_seqlens, max_seqlen, window) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [tokens, heads, head_dim], got shapes "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"k and v must match each other and q in tokens and head_dim, got "
+                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads "
+                         f"({k.shape[1]}) for grouped-query attention")
+    if q.shape[2] > 256:
+        raise ValueError(f"head_dim {q.shape[2]} is above the supported 256")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if window is not None and window < 0:
+        raise ValueError(f"window must be a non-negative number of tokens, got {window}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor [documents + 1] of document "
+                         f"boundaries, got {cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    tokens = q.shape[0]
+    if cu_seqlens.is_cuda or torch.compiler.is_compiling():  # no host synchronisation
+        torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == tokens)
+                            & (lengths >= 0).all() & (lengths <= max_seqlen).all(),
+                            "cptfast: cu_seqlens or max_seqlen is inconsistent with q")
+        return
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != tokens:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the number of tokens "
+                         f"({tokens}), got {bounds[0]} ... {bounds[-1]}")
+    if (lengths < 0).any():
+        raise ValueError("cu_seqlens must be non-decreasing (documents cannot have negative "
+                         "length)")
+    if int(lengths.max()) > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest document "
+                         f"({int(lengths.max())} tokens); pass the longest document's length")
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = True,
+                     softmax_scale: float | None = None, window: int | None = None
+                     ) -> torch.Tensor:
+    """Attention over packed documents: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D] (Hq a
+    multiple of Hkv, D <= 256), document d = tokens ``cu_seqlens[d]:cu_seqlens[d+1]`` (int32),
+    ``max_seqlen`` >= the longest document. Query i sees key j of its own document when j <= i
+    (``causal``) and i - j <= ``window`` (if set: itself and ``window`` tokens before). Returns
+    [T, Hq, D]. Triton on CUDA (or flash-attn's varlen kernel with
+    CPTFAST_ATTENTION=flash_attn when installed), the per-document reference on the CPU."""
+    _check_attention(q, k, v, cu_seqlens, max_seqlen, window)
+    options = dict(causal=causal, softmax_scale=softmax_scale, window=window)
+    if q.is_cuda and os.environ.get("CPTFAST_ATTENTION", "").lower() == "flash_attn":
+        from flash_attn import flash_attn_varlen_func  # optional extra: cptfast[gpu]
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+            softmax_scale=softmax_scale, window_size=(window if window is not None else -1, 0))
+    if backend_for(q) == "triton":
+        from cptfast.kernels.attention import varlen_attention as triton_attention
+        return triton_attention(q, k, v, cu_seqlens, max_seqlen, **options)
+    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options)

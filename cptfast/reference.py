@@ -242,3 +242,31 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                                label_smoothing, z_loss, softcap, reduction,
                                                chunk_bytes or DEFAULT_CHUNK_BYTES)
     return (loss, lse) if return_lse else loss
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = True,
+                     softmax_scale: float | None = None, window: int | None = None
+                     ) -> torch.Tensor:
+    """Attention of packed documents, one ``scaled_dot_product_attention`` per document: query
+    i sees key j of its own document when j <= i (causal) and i - j <= window (if set).
+    q [T, Hq, D], k and v [T, Hkv, D] (Hq a multiple of Hkv); returns [T, Hq, D]."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        doc_q = q[start:end].transpose(0, 1)  # [H, L, D]
+        doc_k = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+        doc_v = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+        positions = torch.arange(end - start, device=q.device)
+        offset = positions[:, None] - positions[None, :]  # query - key
+        visible = torch.ones_like(offset, dtype=torch.bool)
+        if causal:
+            visible &= offset >= 0
+        if window is not None:
+            visible &= offset <= window
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            doc_q, doc_k, doc_v, attn_mask=visible, scale=softmax_scale).transpose(0, 1)
+    return out

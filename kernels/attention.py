@@ -1,0 +1,305 @@
+"""Flash attention over packed sequences: causal inside each document, nothing across them.
+
+Inputs are packed: q [T, Hq, D], k and v [T, Hkv, D], with document d occupying tokens
+cu_seqlens[d] .. cu_seqlens[d+1]. Query i of a document may see key j of the same document when
+    j <= i (causal)   and   i - j <= window (optional left window: itself and `window` before),
+and the output is softmax(q k^T * scale) v over those keys, computed block by block with an
+online softmax (never the [T, T] scores). Query head h reads key/value head h // (Hq / Hkv)
+(grouped-query attention).
+
+The grid runs over (query block, document, head); a program visits only the key blocks of its
+own document that hold at least one visible key — the loop bounds are exactly the live tiles,
+which `live_tiles` computes without a GPU and the COUNT_TILES flag lets a test read back from
+the kernel itself. The backward recomputes the probabilities from the saved log-sum-exp and is
+split into a dk/dv kernel (one program per key block, looping over the query blocks and the
+query heads of its group) and a dq kernel, so no atomics are needed and results are
+deterministic. Head dims up to 256 are padded to a power of two and masked.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .cross_entropy import interpreting
+
+
+@triton.jit
+def _key_range(m_start, length, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the key positions a query block starting at m_start may see."""
+    hi = length
+    if CAUSAL:
+        hi = tl.minimum(length, m_start + BLOCK_M)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(m_start - window, 0) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _visible(offs_m, offs_n, length, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    ok = (offs_n[None, :] < length) & (offs_m[:, None] < length)
+    if CAUSAL:
+        ok &= offs_n[None, :] <= offs_m[:, None]
+    if HAS_WINDOW:
+        ok &= offs_m[:, None] - offs_n[None, :] <= window
+    return ok
+
+
+@triton.jit
+def attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr, tiles_ptr, scale, window, head_dim,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lse_h, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    COUNT_TILES: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    m_block, doc, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + doc).to(tl.int64)
+    length = (tl.load(cu_seqlens_ptr + doc + 1) - start).to(tl.int32)
+    m_start = m_block * BLOCK_M
+    if m_start < length:
+        kv_head = head // GROUP
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        m_ok = offs_m < length
+        q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh
+                    + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if FP32_DOT:  # the interpreter computes bf16 arithmetic on raw bits
+            q = q.to(tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        lo, hi = _key_range(m_start, length, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        tiles = 0
+        for n_start in range(lo, hi, BLOCK_N):
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < length
+            k = tl.load(k_ptr + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh
+                        + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh
+                        + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if FP32_DOT:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW), s,
+                         float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+            tiles += 1
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + (start + offs_m)[:, None] * stride_ot + head * stride_oh
+                 + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + head * stride_lse_h + start + offs_m, m_i + tl.log(l_i), mask=m_ok)
+        if COUNT_TILES:
+            programs = tl.num_programs(0) * tl.num_programs(1)
+            tl.store(tiles_ptr + head * programs + doc * tl.num_programs(0) + m_block, tiles)
+
+
+@triton.jit
+def attention_backward_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr, scale,
+    window, head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    n_block, doc, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + doc).to(tl.int64)
+    length = (tl.load(cu_seqlens_ptr + doc + 1) - start).to(tl.int32)
+    n_start = n_block * BLOCK_N
+    if n_start < length:
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        n_ok = offs_n < length
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP32_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        # Queries that can see this key block: from its first key (causal) to its last key
+        # plus the window.
+        lo = 0
+        if CAUSAL:
+            lo = n_start // BLOCK_M * BLOCK_M
+        hi = length
+        if HAS_WINDOW:
+            hi = tl.minimum(length, n_start + BLOCK_N + window)
+        for g in range(GROUP):
+            head = kv_head * GROUP + g
+            for m_start in range(lo, hi, BLOCK_M):
+                offs_m = m_start + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < length
+                q_mask = m_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh
+                            + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_ptr + (start + offs_m)[:, None] * stride_dot + head * stride_doh
+                             + offs_d[None, :], mask=q_mask, other=0.0)
+                if FP32_DOT:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(lse_ptr + head * stride_lse_h + start + offs_m, mask=m_ok,
+                              other=0.0)
+                delta = tl.load(delta_ptr + head * stride_lse_h + start + offs_m, mask=m_ok,
+                                other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale
+                p = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW),
+                             tl.exp(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        tl.store(dk_ptr + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh
+                 + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh
+                 + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def attention_backward_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr, scale, window,
+    head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+    stride_doh, stride_dqt, stride_dqh, stride_lse_h, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    m_block, doc, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + doc).to(tl.int64)
+    length = (tl.load(cu_seqlens_ptr + doc + 1) - start).to(tl.int32)
+    m_start = m_block * BLOCK_M
+    if m_start < length:
+        kv_head = head // GROUP
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        m_ok = offs_m < length
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh
+                    + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + (start + offs_m)[:, None] * stride_dot + head * stride_doh
+                     + offs_d[None, :], mask=q_mask, other=0.0)
+        if FP32_DOT:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_ptr + head * stride_lse_h + start + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + head * stride_lse_h + start + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        lo, hi = _key_range(m_start, length, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        for n_start in range(lo, hi, BLOCK_N):
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < length
+            k = tl.load(k_ptr + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh
+                        + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh
+                        + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if FP32_DOT:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale
+            p = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW),
+                         tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(dq_ptr + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh
+                 + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+def launch_config(head_dim: int) -> dict:
+    """Block sizes and warps for a head dim (the shipped configurations)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_d <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": block_d, "num_warps": 8}
+
+
+SHIPPED_CONFIGS = [launch_config(d) for d in (16, 32, 64, 128, 256)]
+
+
+def live_tiles(cu_seqlens: list[int], block_m: int, block_n: int, causal: bool = True,
+               window: int | None = None) -> int:
+    """Number of (query block, key block) tiles the forward visits per head: the loop bounds
+    of attention_forward_kernel, in plain Python."""
+    total = 0
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        length = end - start
+        for m_start in range(0, length, block_m):
+            hi = min(length, m_start + block_m) if causal else length
+            lo = max(m_start - window, 0) // block_n * block_n if window is not None else 0
+            total += len(range(lo, hi, block_n))
+    return total
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, window, tile_counts):
+        tokens, q_heads, head_dim = q.shape
+        kv_heads = k.shape[1]
+        config = launch_config(head_dim)
+        flags = dict(GROUP=q_heads // kv_heads, CAUSAL=causal, HAS_WINDOW=window is not None,
+                     FP32_DOT=interpreting() or q.dtype == torch.float32)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty((q_heads, tokens), dtype=torch.float32, device=q.device)
+        docs = cu_seqlens.numel() - 1
+        grid = (triton.cdiv(max(max_seqlen, 1), config["BLOCK_M"]), docs, q_heads)
+        if tile_counts is not None:
+            tile_counts.resize_(grid[2] * grid[1] * grid[0]).zero_()
+        attention_forward_kernel[grid](
+            q, k, v, out, lse, cu_seqlens, tile_counts if tile_counts is not None else lse,
+            scale, window or 0, head_dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+            COUNT_TILES=tile_counts is not None, **flags, **config)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.scale, ctx.window = max_seqlen, scale, window
+        ctx.flags, ctx.config = flags, config
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1).T.contiguous()  # [Hq, T]
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        config, flags = ctx.config, ctx.flags
+        docs = cu_seqlens.numel() - 1
+        common = (ctx.scale, ctx.window or 0, q.shape[2], q.stride(0), q.stride(1), k.stride(0),
+                  k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1))
+        kv_grid = (triton.cdiv(max(ctx.max_seqlen, 1), config["BLOCK_N"]), docs, k.shape[1])
+        attention_backward_dkdv_kernel[kv_grid](
+            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *common, dk.stride(0),
+            dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **flags, **config)
+        q_grid = (triton.cdiv(max(ctx.max_seqlen, 1), config["BLOCK_M"]), docs, q.shape[1])
+        attention_backward_dq_kernel[q_grid](
+            q, k, v, grad_out, lse, delta, dq, cu_seqlens, *common, dq.stride(0), dq.stride(1),
+            lse.stride(0), **flags, **config)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = True,
+                     softmax_scale: float | None = None, window: int | None = None,
+                     tile_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of packed documents (see the module docstring); returns [T, Hq, D] in q's
+    dtype. ``tile_counts``, if given (an int32 tensor), receives the number of key blocks each
+    forward program visited. Inputs are assumed checked (cptfast.ops does)."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), causal, float(scale),
+                                  window, tile_counts)
