@@ -94,6 +94,7 @@ def attention_forward_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
             tiles += 1
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows past the document's end
         out = acc / l_i[:, None]
         tl.store(o_ptr + (start + offs_m)[:, None] * stride_ot + head * stride_oh
                  + offs_d[None, :], out.to(o_ptr.dtype.element_ty),

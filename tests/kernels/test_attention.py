@@ -1,0 +1,187 @@
+"""Packed-sequence attention, Triton (under TRITON_INTERPRET=1) and the per-document
+reference, against an explicit float64 softmax per document."""
+
+import random
+
+import pytest
+import torch
+
+import cptfast
+from cptfast.kernels.attention import launch_config, live_tiles
+from cptfast.kernels.attention import varlen_attention as triton_attention
+
+
+def oracle(q, k, v, cu_seqlens, causal=True, window=None, scale=None):
+    """float64 attention written out: scores, mask, softmax, weighted sum, per document."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        for head in range(q.shape[1]):
+            scores = q[start:end, head] @ k[start:end, head // group].T * scale
+            i = torch.arange(end - start)[:, None]
+            j = torch.arange(end - start)[None, :]
+            visible = torch.ones_like(scores, dtype=torch.bool)
+            if causal:
+                visible &= j <= i
+            if window is not None:
+                visible &= i - j <= window
+            weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            out[start:end, head] = weights @ v[start:end, head // group]
+    return out
+
+
+def random_layout(rng: random.Random, tokens: int) -> list[int]:
+    """Document boundaries with length-1 documents and documents spanning several blocks."""
+    bounds = [0]
+    while bounds[-1] < tokens:
+        length = rng.choice([1, 1, 2, 7, 64, 65, 90, 150])
+        bounds.append(min(tokens, bounds[-1] + length))
+    return bounds
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("CPTFAST_BACKEND", request.param)
+    return request.param
+
+
+def relative_error(got, want):
+    """Largest error relative to the largest expected magnitude; absolute when everything
+    expected is exactly 0 (window=0: a single visible key, so dq is 0 up to rounding)."""
+    assert not torch.isnan(got).any(), "NaN in the result"
+    scale = want.abs().max().detach()
+    return float((got.detach().double() - want.detach()).abs().max() / (scale if scale > 0 else 1.0))
+
+
+CASES = [  # (layout seed or fixed layout, Hq, Hkv, D, causal, window)
+    ("random0", 4, 2, 64, True, None),
+    ("random1", 2, 2, 80, True, 17),
+    ("random2", 3, 1, 32, False, None),
+    ("random3", 2, 1, 96, True, 0),
+    ([0, 200], 2, 2, 128, True, None),       # a single document: plain causal attention
+    ([0, 1, 2, 3, 133], 1, 1, 16, True, 70),
+    ("random4", 2, 2, 256, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout,q_heads,kv_heads,head_dim,causal,window", CASES)
+def test_attention_against_oracle(backend, poisoned, layout, q_heads, kv_heads, head_dim,
+                                  causal, window, dtype):
+    tokens = 200 if head_dim < 256 else 110
+    if isinstance(layout, str):
+        layout = random_layout(random.Random(layout), tokens)
+    tokens = layout[-1]
+    cu_seqlens = torch.tensor(layout, dtype=torch.int32)
+    max_seqlen = max(b - a for a, b in zip(layout, layout[1:]))
+    generator = torch.Generator().manual_seed(len(layout) * head_dim)
+    q, k, v = (torch.randn(tokens, h, head_dim, generator=generator).to(dtype).requires_grad_()
+               for h in (q_heads, kv_heads, kv_heads))
+    out = cptfast.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, window=window)
+    upstream = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad(out, (q, k, v), upstream.to(dtype))
+
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = oracle(*inputs, cu_seqlens, causal=causal, window=window)
+    want_grads = torch.autograd.grad(want, inputs, upstream.to(dtype).double())
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and relative_error(out, want) < tolerance
+    for got, expected, name in zip(grads, want_grads, "qkv"):
+        assert relative_error(got, expected) < tolerance, f"d{name}"
+
+
+def test_no_document_sees_another(backend):
+    # Changing every token of document 1 changes nothing in documents 0 and 2: neither the
+    # output nor any gradient.
+    layout = [0, 70, 150, 230]
+    cu_seqlens = torch.tensor(layout, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(0)
+    base = [torch.randn(230, 2, 32, generator=generator) for _ in range(3)]
+    upstream = torch.randn(230, 2, 32, generator=generator)
+
+    def run(tensors):
+        tensors = [t.clone().requires_grad_() for t in tensors]
+        out = cptfast.varlen_attention(*tensors, cu_seqlens, 80)
+        return [out, *torch.autograd.grad(out, tensors, upstream)]
+
+    changed = [t.clone() for t in base]
+    for t in changed:
+        t[70:150] = torch.randn(80, 2, 32, generator=generator) * 5
+    first, second = run(base), run(changed)
+    others = torch.cat([torch.arange(0, 70), torch.arange(150, 230)])
+    for a, b in zip(first, second):
+        assert torch.equal(a[others], b[others])
+        assert not torch.equal(a[70:150], b[70:150])
+
+
+def exact_live_tiles(layout, block_m, block_n, causal, window):
+    """Tiles holding at least one visible (query, key) pair, by brute force."""
+    total = 0
+    for start, end in zip(layout[:-1], layout[1:]):
+        length = end - start
+        i = torch.arange(length)[:, None]
+        j = torch.arange(length)[None, :]
+        visible = torch.ones(length, length, dtype=torch.bool)
+        if causal:
+            visible &= j <= i
+        if window is not None:
+            visible &= i - j <= window
+        for m in range(0, length, block_m):
+            for n in range(0, length, block_n):
+                total += bool(visible[m:m + block_m, n:n + block_n].any())
+    return total
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_visits_exactly_the_live_tiles(seed):
+    rng = random.Random(seed)
+    layout = random_layout(rng, rng.choice([150, 300]))
+    causal = seed % 3 != 2
+    window = rng.choice([None, 0, 10, 64, 100])
+    heads, head_dim = 2, 32
+    config = launch_config(head_dim)
+    exact = exact_live_tiles(layout, config["BLOCK_M"], config["BLOCK_N"], causal, window)
+    assert live_tiles(layout, config["BLOCK_M"], config["BLOCK_N"], causal, window) == exact
+    tokens = layout[-1]
+    q, k, v = (torch.randn(tokens, heads, head_dim) for _ in range(3))
+    counts = torch.empty(0, dtype=torch.int32)
+    triton_attention(q, k, v, torch.tensor(layout, dtype=torch.int32),
+                     max(b - a for a, b in zip(layout, layout[1:])), causal=causal,
+                     window=window, tile_counts=counts)
+    assert int(counts.sum()) == heads * exact
+
+
+def test_documents_and_the_diagonal_skip_tiles():
+    # Two documents of two 64-token blocks each, causal: 3 live tiles per document instead of
+    # the 16 of dense attention over the packed row. One 256-token document with a 10-token
+    # window: the diagonal tile and the one before it, per query block (1 + 2 + 2 + 2).
+    config = launch_config(32)
+    assert (config["BLOCK_M"], config["BLOCK_N"]) == (64, 64)
+    assert live_tiles([0, 128, 256], 64, 64) == 6
+    assert live_tiles([0, 128, 256], 64, 64, window=10) == 6
+    assert live_tiles([0, 256], 64, 64, window=10) == 7
+    assert live_tiles([0, 256], 64, 64, causal=False) == 16
+
+
+def test_bad_arguments_are_named(backend):
+    q = torch.randn(10, 4, 16)
+    kv = torch.randn(10, 2, 16)
+    good = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cases = [
+        (torch.tensor([1, 4, 10], dtype=torch.int32), 6, "start at 0 and end"),
+        (torch.tensor([0, 4, 9], dtype=torch.int32), 6, "start at 0 and end"),
+        (torch.tensor([0, 6, 4, 10], dtype=torch.int32), 6, "non-decreasing"),
+        (good, 5, "max_seqlen 5 is smaller than the longest document"),
+        (good.long(), 6, "int32"),
+    ]
+    for cu_seqlens, max_seqlen, message in cases:
+        with pytest.raises(ValueError, match=message):
+            cptfast.varlen_attention(q, kv, kv, cu_seqlens, max_seqlen)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        cptfast.varlen_attention(torch.randn(10, 3, 16), kv, kv, good, 6)
+    with pytest.raises(ValueError, match="above the supported 256"):
+        big = torch.randn(10, 2, 320)
+        cptfast.varlen_attention(big, big, big, good, 6)
