@@ -222,11 +222,19 @@ def attention_backward_dq_kernel(
 
 
 def launch_config(head_dim: int) -> dict:
-    """Block sizes and warps for a head dim (the shipped configurations)."""
+    """Block sizes and warps for a head dim (the shipped configurations), chosen so that all
+    three kernels compile without spills for sm_80 and sm_90 (tests/kernels/test_aot.py).
+    Up to D = 128 they use wgmma on sm_90; D = 256 needs 16 x 16 blocks to stay out of local
+    memory, too small for wgmma (keeping K and V tiles in shared memory would lift that)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_d <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": block_d, "num_warps": 8}
+    block_m, block_n, warps = _BLOCKS[block_d]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps}
+
+
+# BLOCK_D -> (BLOCK_M, BLOCK_N, num_warps), from sweeping candidates through the AOT check
+# (ptxas is not monotonic here: 64 x 32 spills at D = 32 on sm_80 but not at D = 16 or 64).
+_BLOCKS = {16: (64, 32, 4), 32: (64, 64, 4), 64: (64, 32, 4), 128: (64, 16, 8),
+           256: (16, 16, 4)}
 
 
 SHIPPED_CONFIGS = [launch_config(d) for d in (16, 32, 64, 128, 256)]
@@ -304,3 +312,42 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), causal, float(scale),
                                   window, tile_counts)
+
+
+def aot_specs() -> list[dict]:
+    """Every shipped configuration of the three kernels (GQA group 2, causal, with window),
+    for ahead-of-time compilation checks."""
+    specs = []
+    for dtype in ("bf16", "fp16"):
+        for config in SHIPPED_CONFIGS:
+            flags = {"GROUP": 2, "CAUSAL": True, "HAS_WINDOW": True, "FP32_DOT": False,
+                     "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+                     "BLOCK_D": config["BLOCK_D"]}
+            tensor = f"*{dtype}"
+            scalars = {"scale": "fp32", "window": "i32", "head_dim": "i32"}
+            forward = {"q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "o_ptr": tensor,
+                       "lse_ptr": "*fp32", "cu_seqlens_ptr": "*i32", "tiles_ptr": "*i32",
+                       **scalars, **{f"stride_{n}": "i32" for n in
+                                     ("qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "lse_h")}}
+            dkdv = {"q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor,
+                    "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": tensor,
+                    "dv_ptr": tensor, "cu_seqlens_ptr": "*i32", **scalars,
+                    **{f"stride_{n}": "i32" for n in ("qt", "qh", "kt", "kh", "vt", "vh", "dot",
+                                                      "doh", "dkt", "dkh", "dvt", "dvh",
+                                                      "lse_h")}}
+            dq = {"q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor,
+                  "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": tensor,
+                  "cu_seqlens_ptr": "*i32", **scalars,
+                  **{f"stride_{n}": "i32" for n in ("qt", "qh", "kt", "kh", "vt", "vh", "dot",
+                                                    "doh", "dqt", "dqh", "lse_h")}}
+            suffix = f"[{dtype},D={config['BLOCK_D']}]"
+            for name, fn, signature, extra in (
+                    ("attention_forward", attention_forward_kernel, forward,
+                     {"COUNT_TILES": False}),
+                    ("attention_backward_dkdv", attention_backward_dkdv_kernel, dkdv, {}),
+                    ("attention_backward_dq", attention_backward_dq_kernel, dq, {})):
+                constexprs = {**flags, **extra}
+                specs.append({"name": name + suffix, "fn": fn,
+                              "signature": {**signature, **{k: "constexpr" for k in constexprs}},
+                              "constexprs": constexprs, "num_warps": config["num_warps"]})
+    return specs
