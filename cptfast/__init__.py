@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "errors", "ops", "reference")
-_FROM_OPS = ("cross_entropy", "fused_linear_cross_entropy", "varlen_attention")
+_FROM_OPS = ("apply_rotary_", "cross_entropy", "fused_linear_cross_entropy",
+             "varlen_attention")
 
 
 def __getattr__(name: str):

@@ -34,9 +34,9 @@ class CompiledKernel:
 
 def shipped_specs() -> list[dict]:
     """Every shipped configuration of every kernel module."""
-    from cptfast.kernels import attention, cross_entropy, fused_linear_cross_entropy
+    from cptfast.kernels import attention, cross_entropy, fused_linear_cross_entropy, rope
     return (cross_entropy.aot_specs() + fused_linear_cross_entropy.aot_specs()
-            + attention.aot_specs())
+            + attention.aot_specs() + rope.aot_specs())
 
 
 def cuobjdump() -> Path:

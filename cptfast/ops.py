@@ -169,3 +169,25 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from cptfast.kernels.attention import varlen_attention as triton_attention
         return triton_attention(q, k, v, cu_seqlens, max_seqlen, **options)
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options)
+
+
+def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary position embeddings applied in place to packed ``q`` [T, Hq, D] and ``k``
+    [T, Hkv, D] with per-token ``cos``, ``sin`` [T, D] — what a transformers rotary embedding
+    returns for the batch's position_ids (restarting at 0 in every document), squeezed to
+    [T, D]. Same convention as transformers' apply_rotary_pos_emb. Returns (q, k)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"need q [T, Hq, D] and k [T, Hkv, D], got {list(q.shape)} and "
+                         f"{list(k.shape)}")
+    tokens, head_dim = q.shape[0], q.shape[2]
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    if list(cos.shape) != [tokens, head_dim] or cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must be [T, D] = [{tokens}, {head_dim}], got "
+                         f"{list(cos.shape)} and {list(sin.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k must be contiguous in their last dimension (rotated in place)")
+    if backend_for(q) == "triton":
+        from cptfast.kernels.rope import apply_rotary_ as triton_rotary
+        return triton_rotary(q, k, cos.float(), sin.float())
+    return reference.apply_rotary_(q, k, cos, sin)

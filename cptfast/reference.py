@@ -270,3 +270,18 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out[start:end] = torch.nn.functional.scaled_dot_product_attention(
             doc_q, doc_k, doc_v, attn_mask=visible, scale=softmax_scale).transpose(0, 1)
     return out
+
+
+def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embeddings, in place, the transformers Llama convention: x * cos +
+    rotate_half(x) * sin with per-token cos, sin [T, D] broadcast over heads. Returns (q, k)."""
+    def rotated(x):
+        half = x.shape[-1] // 2
+        c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * c[..., :half] - x2 * s[..., :half],
+                          x2 * c[..., half:] + x1 * s[..., half:]), dim=-1)
+
+    q.copy_(rotated(q))
+    k.copy_(rotated(k))
+    return q, k

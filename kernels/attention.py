@@ -16,6 +16,8 @@ query heads of its group) and a dq kernel, so no atomics are needed and results 
 deterministic. Head dims up to 256 are padded to a power of two and masked.
 """
 
+from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
+
 import torch
 import triton
 import triton.language as tl

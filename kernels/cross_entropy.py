@@ -12,6 +12,8 @@ backward is one multiplication by the incoming gradient. Ignored rows get loss 0
 gradient; a NaN anywhere in a counted row makes its loss NaN. Offsets are 64-bit.
 """
 
+from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
+
 import os
 
 import torch

@@ -21,6 +21,8 @@ tile) into both grad_hidden and grad_weight — about N*V*H/32 atomic adds each 
 plus a fourth matmul; it was written, tested exact, and dropped as slower.)
 """
 
+from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
+
 import torch
 import triton
 import triton.language as tl

@@ -41,9 +41,20 @@ except cptfast.errors.ExtensionNotBuiltError as error:
 
 
 def test_kernels_install_as_cptfast_kernels_only():
-    assert run_python("import cptfast.kernels").returncode == 0
-    bare = run_python("import kernels")  # the source folder is on sys.path from the root
+    assert run_python("import cptfast.kernels.cross_entropy").returncode == 0
+    # From the source root the folder is on sys.path: the kernels refuse to load bare.
+    bare = run_python("import kernels.cross_entropy")
     assert bare.returncode != 0 and "must be imported as `cptfast.kernels`" in bare.stderr
+
+
+def test_transformers_imports_from_the_source_root():
+    # transformers probes for the Hugging Face `kernels` package; our folder must not pass
+    # for it (nor break the probe).
+    result = run_python("import transformers.models.llama.modeling_llama as m; "
+                        "from transformers.utils import is_kernels_available; "
+                        "print(is_kernels_available())")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("False")
 
 
 def test_import_is_cheap():
