@@ -1,4 +1,4 @@
-"""The `cptfast` command: `prepare`, `verify` and `demo` (more subcommands arrive with the trainer)."""
+"""The `cptfast` command: `prepare`, `verify` and `demo` (the trainer's subcommands follow)."""
 
 from __future__ import annotations
 

@@ -133,7 +133,8 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
-        return *scale_saved_gradients(ctx, grad_loss, grad), None, None, None, None, None, None, None
+        return (*scale_saved_gradients(ctx, grad_loss, grad),
+                None, None, None, None, None, None, None)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,

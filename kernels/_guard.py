@@ -8,6 +8,7 @@ module imports this guard first instead.
 
 if __name__ != "cptfast.kernels._guard":
     raise ImportError(
-        f"the Triton kernels must be imported as `cptfast.kernels`, not `{__name__.split('.')[0]}`; "
+        f"the Triton kernels must be imported as `cptfast.kernels`, not "
+        f"`{__name__.split('.')[0]}`; "
         "install cptfast (`pip install --no-build-isolation -e .`) and import cptfast.kernels"
     )

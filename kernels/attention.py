@@ -49,6 +49,17 @@ def _visible(offs_m, offs_n, length, window, CAUSAL: tl.constexpr, HAS_WINDOW: t
 
 
 @triton.jit
+def _load_rows(ptr, start, offs, head, stride_t, stride_h, offs_d, mask, FP32_DOT: tl.constexpr):
+    """Rows start + offs of one head of a packed [T, H, D] tensor, as a [rows, BLOCK_D] tile
+    (fp32 under the interpreter, which computes bf16 arithmetic on raw bits)."""
+    tile = tl.load(ptr + (start + offs)[:, None] * stride_t + head * stride_h + offs_d[None, :],
+                   mask=mask, other=0.0)
+    if FP32_DOT:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr, tiles_ptr, scale, window, head_dim,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -66,10 +77,8 @@ def attention_forward_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
         m_ok = offs_m < length
-        q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh
-                    + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if FP32_DOT:  # the interpreter computes bf16 arithmetic on raw bits
-            q = q.to(tl.float32)
+        q = _load_rows(q_ptr, start, offs_m, head, stride_qt, stride_qh, offs_d,
+                       m_ok[:, None] & d_ok[None, :], FP32_DOT)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -78,13 +87,11 @@ def attention_forward_kernel(
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < length
-            k = tl.load(k_ptr + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh
-                        + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptr + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh
-                        + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if FP32_DOT:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = _load_rows(k_ptr, start, offs_n, kv_head, stride_kt, stride_kh, offs_d,
+                           kv_mask, FP32_DOT)
+            v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d,
+                           kv_mask, FP32_DOT)
             s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW), s,
                          float("-inf"))
@@ -126,13 +133,10 @@ def attention_backward_dkdv_kernel(
         d_ok = offs_d < head_dim
         n_ok = offs_n < length
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
-        if FP32_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(k_ptr, start, offs_n, kv_head, stride_kt, stride_kh, offs_d,
+                       kv_mask, FP32_DOT)
+        v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d,
+                       kv_mask, FP32_DOT)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         # Queries that can see this key block: from its first key (causal) to its last key
@@ -149,13 +153,10 @@ def attention_backward_dkdv_kernel(
                 offs_m = m_start + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < length
                 q_mask = m_ok[:, None] & d_ok[None, :]
-                q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh
-                            + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(do_ptr + (start + offs_m)[:, None] * stride_dot + head * stride_doh
-                             + offs_d[None, :], mask=q_mask, other=0.0)
-                if FP32_DOT:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
+                q = _load_rows(q_ptr, start, offs_m, head, stride_qt, stride_qh, offs_d,
+                               q_mask, FP32_DOT)
+                do = _load_rows(do_ptr, start, offs_m, head, stride_dot, stride_doh, offs_d,
+                                q_mask, FP32_DOT)
                 lse = tl.load(lse_ptr + head * stride_lse_h + start + offs_m, mask=m_ok,
                               other=0.0)
                 delta = tl.load(delta_ptr + head * stride_lse_h + start + offs_m, mask=m_ok,
@@ -192,13 +193,9 @@ def attention_backward_dq_kernel(
         d_ok = offs_d < head_dim
         m_ok = offs_m < length
         q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh
-                    + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_ptr + (start + offs_m)[:, None] * stride_dot + head * stride_doh
-                     + offs_d[None, :], mask=q_mask, other=0.0)
-        if FP32_DOT:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_rows(q_ptr, start, offs_m, head, stride_qt, stride_qh, offs_d, q_mask, FP32_DOT)
+        do = _load_rows(do_ptr, start, offs_m, head, stride_dot, stride_doh, offs_d,
+                        q_mask, FP32_DOT)
         lse = tl.load(lse_ptr + head * stride_lse_h + start + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + head * stride_lse_h + start + offs_m, mask=m_ok, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -206,13 +203,11 @@ def attention_backward_dq_kernel(
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < length
-            k = tl.load(k_ptr + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh
-                        + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptr + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh
-                        + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if FP32_DOT:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = _load_rows(k_ptr, start, offs_n, kv_head, stride_kt, stride_kh, offs_d,
+                           kv_mask, FP32_DOT)
+            v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d,
+                           kv_mask, FP32_DOT)
             s = tl.dot(q, tl.trans(k)) * scale
             p = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW),
                          tl.exp(s - lse[:, None]), 0.0)

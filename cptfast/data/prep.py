@@ -316,7 +316,8 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
         tok.save_pretrained(str(staging / "tokenizer"))
         skipped = [0]
         documents = (doc for path in files
-                     for doc in iter_documents(path, text_field=text_field, split_lines=split_lines))
+                     for doc in iter_documents(path, text_field=text_field,
+                                               split_lines=split_lines))
         batches = _batches(documents, skipped)
 
         from tqdm.auto import tqdm
