@@ -164,7 +164,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from flash_attn import flash_attn_varlen_func  # optional extra: cptfast[gpu]
         return flash_attn_varlen_func(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-            softmax_scale=softmax_scale, window_size=(window if window is not None else -1, 0))
+            softmax_scale=softmax_scale,
+            window_size=(window if window is not None else -1, 0 if causal else -1))
     if backend_for(q) == "triton":
         from cptfast.kernels.attention import varlen_attention as triton_attention
         return triton_attention(q, k, v, cu_seqlens, max_seqlen, **options)
