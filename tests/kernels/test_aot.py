@@ -23,3 +23,5 @@ def test_shipped_config_compiles_without_spills(compiled, name, arch):
         name.startswith("attention") and "D=256" not in name)
     if tensor_core_kernel and arch == 90:
         assert "wgmma" in kernel.ptx, "this kernel should use Hopper tensor cores (wgmma)"
+        if name.startswith("attention_forward"):  # both QK^T and PV
+            assert kernel.ptx.count("wgmma.mma_async") >= 2, kernel.line()
