@@ -49,6 +49,13 @@ def _visible(offs_m, offs_n, length, window, CAUSAL: tl.constexpr, HAS_WINDOW: t
 
 
 @triton.jit
+def _document(cu_seqlens_ptr, doc):
+    """First token (int64, an offset into the packed tensors) and length of document doc."""
+    start = tl.load(cu_seqlens_ptr + doc).to(tl.int64)
+    return start, (tl.load(cu_seqlens_ptr + doc + 1) - start).to(tl.int32)
+
+
+@triton.jit
 def _load_rows(ptr, start, offs, head, stride_t, stride_h, offs_d, mask, FP32_DOT: tl.constexpr):
     """Rows start + offs of one head of a packed [T, H, D] tensor, as a [rows, BLOCK_D] tile
     (fp32 under the interpreter, which computes bf16 arithmetic on raw bits)."""
@@ -68,8 +75,7 @@ def attention_forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     m_block, doc, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(cu_seqlens_ptr + doc).to(tl.int64)
-    length = (tl.load(cu_seqlens_ptr + doc + 1) - start).to(tl.int32)
+    start, length = _document(cu_seqlens_ptr, doc)
     m_start = m_block * BLOCK_M
     if m_start < length:
         kv_head = head // GROUP
@@ -124,8 +130,7 @@ def attention_backward_dkdv_kernel(
     BLOCK_D: tl.constexpr,
 ):
     n_block, doc, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(cu_seqlens_ptr + doc).to(tl.int64)
-    length = (tl.load(cu_seqlens_ptr + doc + 1) - start).to(tl.int32)
+    start, length = _document(cu_seqlens_ptr, doc)
     n_start = n_block * BLOCK_N
     if n_start < length:
         offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -183,8 +188,7 @@ def attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     m_block, doc, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(cu_seqlens_ptr + doc).to(tl.int64)
-    length = (tl.load(cu_seqlens_ptr + doc + 1) - start).to(tl.int32)
+    start, length = _document(cu_seqlens_ptr, doc)
     m_start = m_block * BLOCK_M
     if m_start < length:
         kv_head = head // GROUP
