@@ -218,7 +218,7 @@ class PackedLoader:
         self.num_threads, self.prefetch = num_threads, prefetch
         self.host_expand = host_expand
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._cache_prefixes = self._index_cache_prefixes(index_cache, specs)
+        self._cache_prefixes = self._index_cache_prefixes(index_cache)
         self._state = (0, [0] * len(specs), [0] * len(specs))
         self._loader = self._start(self._state)
 
@@ -239,7 +239,7 @@ class PackedLoader:
                              f"number, got {weights}")
         return weights
 
-    def _index_cache_prefixes(self, index_cache, specs) -> list[str]:
+    def _index_cache_prefixes(self, index_cache) -> list[str]:
         if index_cache is False:
             return []
         if index_cache is None or index_cache is True:
