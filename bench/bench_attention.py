@@ -38,7 +38,7 @@ def visible_pairs(layout, causal=True):
 
 
 def test_tiles_and_flops_vs_dense_causal(benchmark):
-    config = launch_config(HEAD_DIM)
+    config = launch_config(HEAD_DIM)["forward"]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     layouts = packed_rows(max(4, int(32 * SCALE)))
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARCHITECTURES = (80, 90)
+# Most shared memory one block may use (opt-in maximum): A100 (sm_80) and H100 (sm_90).
+MAX_SHARED_BYTES = {80: 166912, 90: 232448}
 _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -23,7 +25,7 @@ class CompiledKernel:
     registers: int
     stack_bytes: int   # spills land on the stack
     local_bytes: int
-    shared_bytes: int  # static shared memory in the cubin
+    shared_bytes: int  # shared memory a launch needs (Triton's dynamic allocation)
     ptx: str
 
     def line(self) -> str:
@@ -52,10 +54,15 @@ def compile_spec(spec: dict, arch: int) -> CompiledKernel:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # Argument names Triton may assume are multiples of 16 (it specializes on that at run
+    # time); by default the pointers, which torch allocates 16-byte aligned.
+    aligned = spec.get("aligned", [n for n, t in spec["signature"].items() if t.startswith("*")])
+    attrs = {(spec["fn"].arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     source = ASTSource(fn=spec["fn"], signature=spec["signature"],
-                       constexprs=spec["constexprs"])
+                       constexprs=spec["constexprs"], attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec["num_warps"]})
+                              options={"num_warps": spec["num_warps"],
+                                       "num_stages": spec.get("num_stages", 3)})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -64,7 +71,8 @@ def compile_spec(spec: dict, arch: int) -> CompiledKernel:
     found = _USAGE.search(report)
     if found is None:
         raise RuntimeError(f"no resource usage for {spec['name']} in:\n{report}")
-    registers, stack, shared, local = map(int, found.groups())
+    registers, stack, static_shared, local = map(int, found.groups())
+    shared = max(static_shared, compiled.metadata.shared)
     return CompiledKernel(spec["name"], arch, registers, stack, local, shared,
                           compiled.asm["ptx"])
 

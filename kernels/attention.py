@@ -12,8 +12,9 @@ own document that hold at least one visible key — the loop bounds are exactly 
 which `live_tiles` computes without a GPU and the COUNT_TILES flag lets a test read back from
 the kernel itself. The backward recomputes the probabilities from the saved log-sum-exp and is
 split into a dk/dv kernel (one program per key block, looping over the query blocks and the
-query heads of its group) and a dq kernel, so no atomics are needed and results are
-deterministic. Head dims up to 256 are padded to a power of two and masked.
+query heads of its group; at D = 256 it runs twice, once for dk and once for dv, to stay in
+registers) and a dq kernel, so no atomics are needed and results are deterministic. Head dims
+up to 256 are padded to a power of two and masked.
 """
 
 from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
@@ -45,6 +46,17 @@ def _visible(offs_m, offs_n, length, window, CAUSAL: tl.constexpr, HAS_WINDOW: t
         ok &= offs_n[None, :] <= offs_m[:, None]
     if HAS_WINDOW:
         ok &= offs_m[:, None] - offs_n[None, :] <= window
+    return ok
+
+
+@triton.jit
+def _visible_t(offs_m, offs_n, length, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """_visible transposed: [keys, queries]."""
+    ok = (offs_n[:, None] < length) & (offs_m[None, :] < length)
+    if CAUSAL:
+        ok &= offs_n[:, None] <= offs_m[None, :]
+    if HAS_WINDOW:
+        ok &= offs_m[None, :] - offs_n[:, None] <= window
     return ok
 
 
@@ -126,8 +138,8 @@ def attention_backward_dkdv_kernel(
     window, head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    FP32_DOT: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n_block, doc, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, length = _document(cu_seqlens_ptr, doc)
@@ -140,8 +152,9 @@ def attention_backward_dkdv_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = _load_rows(k_ptr, start, offs_n, kv_head, stride_kt, stride_kh, offs_d,
                        kv_mask, FP32_DOT)
-        v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d,
-                       kv_mask, FP32_DOT)
+        if WANT_DK:
+            v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d,
+                           kv_mask, FP32_DOT)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         # Queries that can see this key block: from its first key (causal) to its last key
@@ -166,17 +179,24 @@ def attention_backward_dkdv_kernel(
                               other=0.0)
                 delta = tl.load(delta_ptr + head * stride_lse_h + start + offs_m, mask=m_ok,
                                 other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale
-                p = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW),
-                             tl.exp(s - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        tl.store(dk_ptr + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh
-                 + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptr + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh
-                 + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+                # Transposed scores [keys, queries]: every product then has the key block
+                # as its M dimension, so p^T and ds^T feed the next products without a
+                # layout change (and use wgmma on sm_90).
+                s_t = tl.dot(k, tl.trans(q)) * scale
+                p_t = tl.where(_visible_t(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW),
+                               tl.exp(s_t - lse[None, :]), 0.0)
+                if WANT_DV:
+                    dv += tl.dot(p_t.to(do.dtype), do)
+                if WANT_DK:
+                    dp_t = tl.dot(v, tl.trans(do))
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk += tl.dot(ds_t.to(q.dtype), q)
+        if WANT_DK:
+            tl.store(dk_ptr + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh
+                     + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        if WANT_DV:
+            tl.store(dv_ptr + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh
+                     + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -223,22 +243,30 @@ def attention_backward_dq_kernel(
 
 
 def launch_config(head_dim: int) -> dict:
-    """Block sizes and warps for a head dim (the shipped configurations), chosen so that all
-    three kernels compile without spills for sm_80 and sm_90 (tests/kernels/test_aot.py).
-    Up to D = 128 they use wgmma on sm_90; D = 256 needs 16 x 16 blocks to stay out of local
-    memory, too small for wgmma (keeping K and V tiles in shared memory would lift that)."""
+    """Per-kernel block sizes for a head dim: {"forward"|"dq"|"dkdv" (or "dk" and "dv"):
+    {BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages}}. Every one compiles for sm_80 and
+    sm_90 without spills and uses wgmma on sm_90 (tests/kernels/test_aot.py)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, warps = _BLOCKS[block_d]
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps}
+    return {kernel: {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "num_warps": warps,
+                     "num_stages": stages}
+            for kernel, (m, n, warps, stages) in _BLOCKS[block_d].items()}
 
 
-# BLOCK_D -> (BLOCK_M, BLOCK_N, num_warps), from sweeping candidates through the AOT check
-# (ptxas is not monotonic here: 64 x 32 spills at D = 32 on sm_80 but not at D = 16 or 64).
-_BLOCKS = {16: (64, 32, 4), 32: (64, 64, 4), 64: (64, 32, 4), 128: (64, 16, 8),
-           256: (16, 16, 4)}
+# BLOCK_D -> kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages), from sweeping candidates
+# through the AOT check (ptxas is not monotonic: 128 x 64 spills at D = 16 on sm_80 but not at
+# D = 32). At D = 256 the dk and dv accumulators do not fit in registers together, so the
+# backward runs one key-block kernel for dv and one for dk (the scores are recomputed, +1 of 5
+# products).
+_BLOCKS = {
+    16: {"forward": (64, 64, 4, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 8, 3)},
+    32: {"forward": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (128, 64, 8, 3)},
+    64: {"forward": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (128, 64, 8, 3)},
+    128: {"forward": (64, 64, 8, 3), "dkdv": (32, 64, 8, 3), "dq": (64, 64, 8, 3)},
+    256: {"forward": (64, 32, 8, 3), "dv": (32, 64, 8, 3), "dk": (16, 64, 8, 2),
+          "dq": (64, 32, 8, 3)},
+}
 
-
-SHIPPED_CONFIGS = [launch_config(d) for d in (16, 32, 64, 128, 256)]
+SHIPPED_HEAD_DIMS = (16, 32, 64, 128, 256)  # padded head dims; 80 and 96 run as 128
 
 
 def live_tiles(cu_seqlens: list[int], block_m: int, block_n: int, causal: bool = True,
@@ -260,13 +288,14 @@ class _VarlenAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, window, tile_counts):
         tokens, q_heads, head_dim = q.shape
         kv_heads = k.shape[1]
-        config = launch_config(head_dim)
+        configs = launch_config(head_dim)
         flags = dict(GROUP=q_heads // kv_heads, CAUSAL=causal, HAS_WINDOW=window is not None,
                      FP32_DOT=interpreting() or q.dtype == torch.float32)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((q_heads, tokens), dtype=torch.float32, device=q.device)
         docs = cu_seqlens.numel() - 1
+        config = configs["forward"]
         grid = (triton.cdiv(max(max_seqlen, 1), config["BLOCK_M"]), docs, q_heads)
         if tile_counts is not None:
             tile_counts.resize_(grid[2] * grid[1] * grid[0]).zero_()
@@ -277,7 +306,7 @@ class _VarlenAttention(torch.autograd.Function):
             COUNT_TILES=tile_counts is not None, **flags, **config)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen, ctx.scale, ctx.window = max_seqlen, scale, window
-        ctx.flags, ctx.config = flags, config
+        ctx.flags, ctx.configs = flags, configs
         return out
 
     @staticmethod
@@ -288,16 +317,22 @@ class _VarlenAttention(torch.autograd.Function):
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-        config, flags = ctx.config, ctx.flags
+        configs, flags = ctx.configs, ctx.flags
         docs = cu_seqlens.numel() - 1
         common = (ctx.scale, ctx.window or 0, q.shape[2], q.stride(0), q.stride(1), k.stride(0),
                   k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1))
-        kv_grid = (triton.cdiv(max(ctx.max_seqlen, 1), config["BLOCK_N"]), docs, k.shape[1])
-        attention_backward_dkdv_kernel[kv_grid](
-            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *common, dk.stride(0),
-            dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **flags, **config)
-        q_grid = (triton.cdiv(max(ctx.max_seqlen, 1), config["BLOCK_M"]), docs, q.shape[1])
-        attention_backward_dq_kernel[q_grid](
+        key_block_launches = ([("dkdv", True, True)] if "dkdv" in configs
+                              else [("dk", True, False), ("dv", False, True)])
+        for name, want_dk, want_dv in key_block_launches:
+            config = configs[name]
+            grid = (triton.cdiv(max(ctx.max_seqlen, 1), config["BLOCK_N"]), docs, k.shape[1])
+            attention_backward_dkdv_kernel[grid](
+                q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *common, dk.stride(0),
+                dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), WANT_DK=want_dk,
+                WANT_DV=want_dv, **flags, **config)
+        config = configs["dq"]
+        grid = (triton.cdiv(max(ctx.max_seqlen, 1), config["BLOCK_M"]), docs, q.shape[1])
+        attention_backward_dq_kernel[grid](
             q, k, v, grad_out, lse, delta, dq, cu_seqlens, *common, dq.stride(0), dq.stride(1),
             lse.stride(0), **flags, **config)
         return dq, dk, dv, None, None, None, None, None, None
@@ -317,38 +352,47 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def aot_specs() -> list[dict]:
     """Every shipped configuration of the three kernels (GQA group 2, causal, with window),
-    for ahead-of-time compilation checks."""
+    for ahead-of-time compilation checks. Pointers, strides and head_dim are declared
+    multiples of 16, the specialization Triton compiles for contiguous [T, H, D] tensors."""
+    pointer = "*{dtype}"
+    scalars = {"scale": "fp32", "window": "i32", "head_dim": "i32"}
+
+    def signature(pointers, strides):
+        return {**{name: types for name, types in pointers.items()}, **scalars,
+                **{f"stride_{n}": "i32" for n in strides}}
+
+    forward = signature({"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
+                         "o_ptr": pointer, "lse_ptr": "*fp32", "cu_seqlens_ptr": "*i32",
+                         "tiles_ptr": "*i32"},
+                        ("qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "lse_h"))
+    dkdv = signature({"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "do_ptr": pointer,
+                      "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": pointer,
+                      "dv_ptr": pointer, "cu_seqlens_ptr": "*i32"},
+                     ("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "dkt", "dkh", "dvt",
+                      "dvh", "lse_h"))
+    dq = signature({"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "do_ptr": pointer,
+                    "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": pointer,
+                    "cu_seqlens_ptr": "*i32"},
+                   ("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "dqt", "dqh", "lse_h"))
+    kernels = {"forward": (attention_forward_kernel, forward, {"COUNT_TILES": False}),
+               "dkdv": (attention_backward_dkdv_kernel, dkdv, {"WANT_DK": True, "WANT_DV": True}),
+               "dk": (attention_backward_dkdv_kernel, dkdv, {"WANT_DK": True, "WANT_DV": False}),
+               "dv": (attention_backward_dkdv_kernel, dkdv, {"WANT_DK": False, "WANT_DV": True}),
+               "dq": (attention_backward_dq_kernel, dq, {})}
     specs = []
     for dtype in ("bf16", "fp16"):
-        for config in SHIPPED_CONFIGS:
-            flags = {"GROUP": 2, "CAUSAL": True, "HAS_WINDOW": True, "FP32_DOT": False,
-                     "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
-                     "BLOCK_D": config["BLOCK_D"]}
-            tensor = f"*{dtype}"
-            scalars = {"scale": "fp32", "window": "i32", "head_dim": "i32"}
-            forward = {"q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "o_ptr": tensor,
-                       "lse_ptr": "*fp32", "cu_seqlens_ptr": "*i32", "tiles_ptr": "*i32",
-                       **scalars, **{f"stride_{n}": "i32" for n in
-                                     ("qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "lse_h")}}
-            dkdv = {"q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor,
-                    "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": tensor,
-                    "dv_ptr": tensor, "cu_seqlens_ptr": "*i32", **scalars,
-                    **{f"stride_{n}": "i32" for n in ("qt", "qh", "kt", "kh", "vt", "vh", "dot",
-                                                      "doh", "dkt", "dkh", "dvt", "dvh",
-                                                      "lse_h")}}
-            dq = {"q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor,
-                  "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": tensor,
-                  "cu_seqlens_ptr": "*i32", **scalars,
-                  **{f"stride_{n}": "i32" for n in ("qt", "qh", "kt", "kh", "vt", "vh", "dot",
-                                                    "doh", "dqt", "dqh", "lse_h")}}
-            suffix = f"[{dtype},D={config['BLOCK_D']}]"
-            for name, fn, signature, extra in (
-                    ("attention_forward", attention_forward_kernel, forward,
-                     {"COUNT_TILES": False}),
-                    ("attention_backward_dkdv", attention_backward_dkdv_kernel, dkdv, {}),
-                    ("attention_backward_dq", attention_backward_dq_kernel, dq, {})):
-                constexprs = {**flags, **extra}
-                specs.append({"name": name + suffix, "fn": fn,
-                              "signature": {**signature, **{k: "constexpr" for k in constexprs}},
-                              "constexprs": constexprs, "num_warps": config["num_warps"]})
+        for head_dim in SHIPPED_HEAD_DIMS:
+            for kernel, config in launch_config(head_dim).items():
+                fn, types, extra = kernels[kernel]
+                types = {name: t.format(dtype=dtype) for name, t in types.items()}
+                constexprs = {"GROUP": 2, "CAUSAL": True, "HAS_WINDOW": True, "FP32_DOT": False,
+                              **extra, **{b: config[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}}
+                aligned = [name for name, t in types.items()
+                           if t.startswith("*") or name == "head_dim"
+                           or (name.startswith("stride_") and name != "stride_lse_h")]
+                specs.append({"name": f"attention_{kernel}[{dtype},D={head_dim}]", "fn": fn,
+                              "signature": {**types, **{c: "constexpr" for c in constexprs}},
+                              "constexprs": constexprs, "aligned": aligned,
+                              "num_warps": config["num_warps"],
+                              "num_stages": config["num_stages"]})
     return specs
