@@ -160,16 +160,37 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CPTFAST_ATTENTION=flash_attn when installed), the per-document reference on the CPU."""
     _check_attention(q, k, v, cu_seqlens, max_seqlen, window)
     options = dict(causal=causal, softmax_scale=softmax_scale, window=window)
-    if q.is_cuda and os.environ.get("CPTFAST_ATTENTION", "").lower() == "flash_attn":
-        from flash_attn import flash_attn_varlen_func  # optional extra: cptfast[gpu]
-        return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-            softmax_scale=softmax_scale,
-            window_size=(window if window is not None else -1, 0 if causal else -1))
+    if _attention_choice() == "flash_attn" and q.is_cuda:
+        return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, **options)
     if backend_for(q) == "triton":
         from cptfast.kernels.attention import varlen_attention as triton_attention
         return triton_attention(q, k, v, cu_seqlens, max_seqlen, **options)
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options)
+
+
+def _attention_choice() -> str:
+    """CPTFAST_ATTENTION: "" / "cptfast" (ours) or "flash_attn" (flash-attn's varlen kernel,
+    CUDA only)."""
+    choice = os.environ.get("CPTFAST_ATTENTION", "").strip().lower()
+    if choice not in ("", "cptfast", "flash_attn"):
+        raise ValueError(f"CPTFAST_ATTENTION must be 'cptfast' or 'flash_attn', got {choice!r}")
+    return choice
+
+
+def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window):
+    """flash-attn's varlen function with our arguments: same packing (one cu_seqlens for
+    queries and keys); our left window w is its window_size (w, 0) (right side unbounded, -1,
+    when not causal)."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # optional extra: cptfast[gpu]
+    except ImportError as error:
+        raise ImportError("CPTFAST_ATTENTION=flash_attn needs the flash-attn package: "
+                          "pip install 'cptfast[gpu]' on a CUDA machine, or unset "
+                          "CPTFAST_ATTENTION to use cptfast's Triton kernel") from error
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+        softmax_scale=softmax_scale,
+        window_size=(window if window is not None else -1, 0 if causal else -1))
 
 
 def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -2,6 +2,8 @@
 reference, against an explicit float64 softmax per document."""
 
 import random
+import sys
+import types
 
 import pytest
 import torch
@@ -183,3 +185,61 @@ def test_bad_arguments_are_named(backend):
     with pytest.raises(ValueError, match="above the supported 256"):
         big = torch.randn(10, 2, 320)
         cptfast.varlen_attention(big, big, big, good, 6)
+
+
+def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                                window_size=(-1, -1)):
+    """flash-attn's documented semantics, written independently: query i of a sequence sees
+    key j when i - left <= j <= i + right (-1: unbounded) and, if causal, j <= i."""
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == max_seqlen_k
+    left, right = window_size
+    out = torch.zeros_like(q)
+    group = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        i = torch.arange(end - start)[:, None]
+        j = torch.arange(end - start)[None, :]
+        visible = torch.ones(end - start, end - start, dtype=torch.bool)
+        if causal:
+            visible &= j <= i
+        if left >= 0:
+            visible &= j >= i - left
+        if right >= 0:
+            visible &= j <= i + right
+        for head in range(q.shape[1]):
+            scores = q[start:end, head] @ k[start:end, head // group].T * softmax_scale
+            weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            out[start:end, head] = weights @ v[start:end, head // group]
+    return out
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 5), (False, None), (False, 3)])
+def test_flash_attn_arguments_keep_our_semantics(monkeypatch, causal, window):
+    # The dispatch to flash-attn runs only on CUDA; its argument mapping is checked here
+    # against a stand-in module with flash-attn's semantics.
+    from cptfast import ops
+    monkeypatch.setitem(sys.modules, "flash_attn",
+                        types.SimpleNamespace(flash_attn_varlen_func=fake_flash_attn_varlen_func))
+    layout = [0, 1, 9, 30]
+    cu_seqlens = torch.tensor(layout, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(30, h, 16, generator=generator, dtype=torch.float64)
+               for h in (4, 2, 2))
+    got = ops._flash_attn_varlen(q, k, v, cu_seqlens, 21, causal=causal, softmax_scale=0.25,
+                                 window=window)
+    want = oracle(q, k, v, cu_seqlens, causal=causal, window=window, scale=0.25)
+    assert relative_error(got, want) < 1e-12
+
+
+def test_flash_attn_choice_is_checked(monkeypatch):
+    from cptfast import ops
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    with pytest.raises(ImportError, match="needs the flash-attn package"):
+        ops._flash_attn_varlen(*(torch.randn(4, 1, 8) for _ in range(3)),
+                               torch.tensor([0, 4], dtype=torch.int32), 4, causal=True,
+                               softmax_scale=None, window=None)
+    monkeypatch.setenv("CPTFAST_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="CPTFAST_ATTENTION must be"):
+        cptfast.varlen_attention(*(torch.randn(4, 1, 8) for _ in range(3)),
+                                 torch.tensor([0, 4], dtype=torch.int32), 4)
