@@ -150,16 +150,18 @@ def _check_attention(q, k, v, cu_seqlens, max_seqlen, window) -> None:
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = True,
-                     softmax_scale: float | None = None, window: int | None = None
-                     ) -> torch.Tensor:
+                     softmax_scale: float | None = None, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """Attention over packed documents: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D] (Hq a
     multiple of Hkv, D <= 256), document d = tokens ``cu_seqlens[d]:cu_seqlens[d+1]`` (int32),
     ``max_seqlen`` >= the longest document. Query i sees key j of its own document when j <= i
-    (``causal``) and i - j <= ``window`` (if set: itself and ``window`` tokens before). Returns
-    [T, Hq, D]. Triton on CUDA (or flash-attn's varlen kernel with
+    (``causal``) and i - j <= ``window`` (if set: itself and ``window`` tokens before);
+    ``softcap`` c turns the scaled scores s into c·tanh(s/c) (Gemma 2). Returns [T, Hq, D]. Triton on CUDA (or flash-attn's varlen kernel with
     CPTFAST_ATTENTION=flash_attn when installed), the per-document reference on the CPU."""
     _check_attention(q, k, v, cu_seqlens, max_seqlen, window)
-    options = dict(causal=causal, softmax_scale=softmax_scale, window=window)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive (or None), got {softcap}")
+    options = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap)
     if _attention_choice() == "flash_attn" and q.is_cuda:
         return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, **options)
     if backend_for(q) == "triton":
@@ -177,7 +179,8 @@ def _attention_choice() -> str:
     return choice
 
 
-def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window):
+def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window,
+                       softcap=None):
     """flash-attn's varlen function with our arguments: same packing (one cu_seqlens for
     queries and keys); our left window w is its window_size (w, 0) (right side unbounded, -1,
     when not causal)."""
@@ -189,7 +192,7 @@ def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale
                           "CPTFAST_ATTENTION to use cptfast's Triton kernel") from error
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-        softmax_scale=softmax_scale,
+        softmax_scale=softmax_scale, softcap=softcap or 0.0,
         window_size=(window if window is not None else -1, 0 if causal else -1))
 
 

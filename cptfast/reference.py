@@ -247,12 +247,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = True,
-                     softmax_scale: float | None = None, window: int | None = None
-                     ) -> torch.Tensor:
+                     softmax_scale: float | None = None, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """Attention of packed documents, one ``scaled_dot_product_attention`` per document: query
     i sees key j of its own document when j <= i (causal) and i - j <= window (if set).
-    q [T, Hq, D], k and v [T, Hkv, D] (Hq a multiple of Hkv); returns [T, Hq, D]."""
+    With ``softcap`` c the scaled scores s become c·tanh(s/c) first (written out, as SDPA has
+    no such option). q [T, Hq, D], k and v [T, Hkv, D] (Hq a multiple of Hkv); returns
+    [T, Hq, D]."""
     group = q.shape[1] // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -268,8 +271,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             visible &= offset >= 0
         if window is not None:
             visible &= offset <= window
-        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-            doc_q, doc_k, doc_v, attn_mask=visible, scale=softmax_scale).transpose(0, 1)
+        if softcap is None:
+            doc_out = torch.nn.functional.scaled_dot_product_attention(
+                doc_q, doc_k, doc_v, attn_mask=visible, scale=scale)
+        else:
+            scores = (doc_q.float() @ doc_k.float().transpose(1, 2)) * scale
+            scores = softcap * torch.tanh(scores / softcap)
+            weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            doc_out = (weights @ doc_v.float()).to(q.dtype)
+        out[start:end] = doc_out.transpose(0, 1)
     return out
 
 

@@ -19,11 +19,13 @@ up to 256 are padded to a power of two and masked.
 
 from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import interpreting
+from .cross_entropy import _capped, interpreting
 
 
 @triton.jit
@@ -80,11 +82,11 @@ def _load_rows(ptr, start, offs, head, stride_t, stride_h, offs_d, mask, FP32_DO
 
 @triton.jit
 def attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr, tiles_ptr, scale, window, head_dim,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_lse_h, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    COUNT_TILES: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr, tiles_ptr, scale, softcap, window,
+    head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+    stride_oh, stride_lse_h, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COUNT_TILES: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     m_block, doc, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, length = _document(cu_seqlens_ptr, doc)
@@ -110,7 +112,7 @@ def attention_forward_kernel(
                            kv_mask, FP32_DOT)
             v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d,
                            kv_mask, FP32_DOT)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = _capped(tl.dot(q, tl.trans(k)) * scale, softcap, HAS_SOFTCAP)
             s = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW), s,
                          float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -135,9 +137,10 @@ def attention_forward_kernel(
 @triton.jit
 def attention_backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr, scale,
-    window, head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    softcap, window, head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -182,7 +185,7 @@ def attention_backward_dkdv_kernel(
                 # Transposed scores [keys, queries]: every product then has the key block
                 # as its M dimension, so p^T and ds^T feed the next products without a
                 # layout change (and use wgmma on sm_90).
-                s_t = tl.dot(k, tl.trans(q)) * scale
+                s_t = _capped(tl.dot(k, tl.trans(q)) * scale, softcap, HAS_SOFTCAP)
                 p_t = tl.where(_visible_t(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW),
                                tl.exp(s_t - lse[None, :]), 0.0)
                 if WANT_DV:
@@ -190,6 +193,8 @@ def attention_backward_dkdv_kernel(
                 if WANT_DK:
                     dp_t = tl.dot(v, tl.trans(do))
                     ds_t = p_t * (dp_t - delta[None, :])
+                    if HAS_SOFTCAP:  # through c*tanh(x/c): times 1 - tanh^2
+                        ds_t *= 1.0 - (s_t / softcap) * (s_t / softcap)
                     dk += tl.dot(ds_t.to(q.dtype), q)
         if WANT_DK:
             tl.store(dk_ptr + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh
@@ -201,10 +206,11 @@ def attention_backward_dkdv_kernel(
 
 @triton.jit
 def attention_backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr, scale, window,
-    head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
-    stride_doh, stride_dqt, stride_dqh, stride_lse_h, GROUP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr, scale, softcap,
+    window, head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lse_h, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     m_block, doc, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -232,11 +238,13 @@ def attention_backward_dq_kernel(
                            kv_mask, FP32_DOT)
             v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d,
                            kv_mask, FP32_DOT)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = _capped(tl.dot(q, tl.trans(k)) * scale, softcap, HAS_SOFTCAP)
             p = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW),
                          tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds *= 1.0 - (s / softcap) * (s / softcap)
             dq += tl.dot(ds.to(k.dtype), k)
         tl.store(dq_ptr + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh
                  + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
@@ -260,7 +268,7 @@ def launch_config(head_dim: int) -> dict:
 _BLOCKS = {
     16: {"forward": (64, 64, 4, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 8, 3)},
     32: {"forward": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (128, 64, 8, 3)},
-    64: {"forward": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (128, 64, 8, 3)},
+    64: {"forward": (128, 64, 8, 3), "dkdv": (32, 64, 8, 3), "dq": (128, 64, 8, 3)},
     128: {"forward": (64, 64, 8, 3), "dkdv": (32, 64, 8, 3), "dq": (64, 64, 8, 3)},
     256: {"forward": (64, 32, 8, 3), "dv": (32, 64, 8, 3), "dk": (16, 64, 8, 2),
           "dq": (64, 32, 8, 3)},
@@ -285,11 +293,13 @@ def live_tiles(cu_seqlens: list[int], block_m: int, block_n: int, causal: bool =
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, window, tile_counts):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, softcap, window,
+                tile_counts):
         tokens, q_heads, head_dim = q.shape
         kv_heads = k.shape[1]
         configs = launch_config(head_dim)
         flags = dict(GROUP=q_heads // kv_heads, CAUSAL=causal, HAS_WINDOW=window is not None,
+                     HAS_SOFTCAP=softcap is not None,
                      FP32_DOT=interpreting() or q.dtype == torch.float32)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -301,11 +311,11 @@ class _VarlenAttention(torch.autograd.Function):
             tile_counts.resize_(grid[2] * grid[1] * grid[0]).zero_()
         attention_forward_kernel[grid](
             q, k, v, out, lse, cu_seqlens, tile_counts if tile_counts is not None else lse,
-            scale, window or 0, head_dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+            scale, softcap or 1.0, window or 0, head_dim, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
             COUNT_TILES=tile_counts is not None, **flags, **config)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.scale, ctx.window = max_seqlen, scale, window
+        ctx.max_seqlen, ctx.scale, ctx.softcap, ctx.window = max_seqlen, scale, softcap, window
         ctx.flags, ctx.configs = flags, configs
         return out
 
@@ -319,8 +329,9 @@ class _VarlenAttention(torch.autograd.Function):
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
         configs, flags = ctx.configs, ctx.flags
         docs = cu_seqlens.numel() - 1
-        common = (ctx.scale, ctx.window or 0, q.shape[2], q.stride(0), q.stride(1), k.stride(0),
-                  k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1))
+        common = (ctx.scale, ctx.softcap or 1.0, ctx.window or 0, q.shape[2], q.stride(0),
+                  q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                  grad_out.stride(0), grad_out.stride(1))
         key_block_launches = ([("dkdv", True, True)] if "dkdv" in configs
                               else [("dk", True, False), ("dv", False, True)])
         for name, want_dk, want_dv in key_block_launches:
@@ -335,19 +346,21 @@ class _VarlenAttention(torch.autograd.Function):
         attention_backward_dq_kernel[grid](
             q, k, v, grad_out, lse, delta, dq, cu_seqlens, *common, dq.stride(0), dq.stride(1),
             lse.stride(0), **flags, **config)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = True,
                      softmax_scale: float | None = None, window: int | None = None,
+                     softcap: float | None = None,
                      tile_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of packed documents (see the module docstring); returns [T, Hq, D] in q's
     dtype. ``tile_counts``, if given (an int32 tensor), receives the number of key blocks each
     forward program visited. Inputs are assumed checked (cptfast.ops does)."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), causal, float(scale),
-                                  window, tile_counts)
+                                  None if softcap is None else float(softcap), window,
+                                  tile_counts)
 
 
 def aot_specs() -> list[dict]:
@@ -355,7 +368,7 @@ def aot_specs() -> list[dict]:
     for ahead-of-time compilation checks. Pointers, strides and head_dim are declared
     multiples of 16, the specialization Triton compiles for contiguous [T, H, D] tensors."""
     pointer = "*{dtype}"
-    scalars = {"scale": "fp32", "window": "i32", "head_dim": "i32"}
+    scalars = {"scale": "fp32", "softcap": "fp32", "window": "i32", "head_dim": "i32"}
 
     def signature(pointers, strides):
         return {**{name: types for name, types in pointers.items()}, **scalars,
@@ -380,19 +393,20 @@ def aot_specs() -> list[dict]:
                "dv": (attention_backward_dkdv_kernel, dkdv, {"WANT_DK": False, "WANT_DV": True}),
                "dq": (attention_backward_dq_kernel, dq, {})}
     specs = []
-    for dtype in ("bf16", "fp16"):
-        for head_dim in SHIPPED_HEAD_DIMS:
-            for kernel, config in launch_config(head_dim).items():
-                fn, types, extra = kernels[kernel]
-                types = {name: t.format(dtype=dtype) for name, t in types.items()}
-                constexprs = {"GROUP": 2, "CAUSAL": True, "HAS_WINDOW": True, "FP32_DOT": False,
-                              **extra, **{b: config[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}}
-                aligned = [name for name, t in types.items()
-                           if t.startswith("*") or name == "head_dim"
-                           or (name.startswith("stride_") and name != "stride_lse_h")]
-                specs.append({"name": f"attention_{kernel}[{dtype},D={head_dim}]", "fn": fn,
-                              "signature": {**types, **{c: "constexpr" for c in constexprs}},
-                              "constexprs": constexprs, "aligned": aligned,
-                              "num_warps": config["num_warps"],
-                              "num_stages": config["num_stages"]})
+    for dtype, head_dim, softcap in itertools.product(("bf16", "fp16"), SHIPPED_HEAD_DIMS,
+                                                      (False, True)):
+        for kernel, config in launch_config(head_dim).items():
+            fn, types, extra = kernels[kernel]
+            types = {name: t.format(dtype=dtype) for name, t in types.items()}
+            constexprs = {"GROUP": 2, "CAUSAL": True, "HAS_WINDOW": True, "HAS_SOFTCAP": softcap,
+                          "FP32_DOT": False, **extra,
+                          **{b: config[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}}
+            aligned = [name for name, t in types.items()
+                       if t.startswith("*") or name == "head_dim"
+                       or (name.startswith("stride_") and name != "stride_lse_h")]
+            name = f"attention_{kernel}[{dtype},D={head_dim}{',softcap' if softcap else ''}]"
+            specs.append({"name": name, "fn": fn,
+                          "signature": {**types, **{c: "constexpr" for c in constexprs}},
+                          "constexprs": constexprs, "aligned": aligned,
+                          "num_warps": config["num_warps"], "num_stages": config["num_stages"]})
     return specs

@@ -13,7 +13,7 @@ from cptfast.kernels.attention import launch_config, live_tiles
 from cptfast.kernels.attention import varlen_attention as triton_attention
 
 
-def oracle(q, k, v, cu_seqlens, causal=True, window=None, scale=None):
+def oracle(q, k, v, cu_seqlens, causal=True, window=None, scale=None, softcap=None):
     """float64 attention written out: scores, mask, softmax, weighted sum, per document."""
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
@@ -23,6 +23,8 @@ def oracle(q, k, v, cu_seqlens, causal=True, window=None, scale=None):
     for start, end in zip(bounds[:-1], bounds[1:]):
         for head in range(q.shape[1]):
             scores = q[start:end, head] @ k[start:end, head // group].T * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
             i = torch.arange(end - start)[:, None]
             j = torch.arange(end - start)[None, :]
             visible = torch.ones_like(scores, dtype=torch.bool)
@@ -58,21 +60,23 @@ def relative_error(got, want):
     return float((got.detach().double() - want.detach()).abs().max() / (scale if scale > 0 else 1.0))
 
 
-CASES = [  # (layout seed or fixed layout, Hq, Hkv, D, causal, window)
-    ("random0", 4, 2, 64, True, None),
-    ("random1", 2, 2, 80, True, 17),
-    ("random2", 3, 1, 32, False, None),
-    ("random3", 2, 1, 96, True, 0),
-    ([0, 200], 2, 2, 128, True, None),       # a single document: plain causal attention
-    ([0, 1, 2, 3, 133], 1, 1, 16, True, 70),
-    ("random4", 2, 2, 256, True, None),
+CASES = [  # (layout seed or fixed layout, Hq, Hkv, D, causal, window, softcap)
+    ("random0", 4, 2, 64, True, None, None),
+    ("random1", 2, 2, 80, True, 17, None),
+    ("random2", 3, 1, 32, False, None, None),
+    ("random3", 2, 1, 96, True, 0, None),
+    ([0, 200], 2, 2, 128, True, None, None),       # a single document: plain causal attention
+    ([0, 1, 2, 3, 133], 1, 1, 16, True, 70, None),
+    ("random4", 2, 2, 256, True, None, None),
+    ("random5", 2, 1, 64, True, 9, 0.5),           # softcap small enough to bend the scores
+    ("random6", 2, 2, 256, True, None, 2.0),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout,q_heads,kv_heads,head_dim,causal,window", CASES)
+@pytest.mark.parametrize("layout,q_heads,kv_heads,head_dim,causal,window,softcap", CASES)
 def test_attention_against_oracle(backend, poisoned, layout, q_heads, kv_heads, head_dim,
-                                  causal, window, dtype):
+                                  causal, window, softcap, dtype):
     tokens = 200 if head_dim < 256 else 110
     if isinstance(layout, str):
         layout = random_layout(random.Random(layout), tokens)
@@ -82,12 +86,13 @@ def test_attention_against_oracle(backend, poisoned, layout, q_heads, kv_heads, 
     generator = torch.Generator().manual_seed(len(layout) * head_dim)
     q, k, v = (torch.randn(tokens, h, head_dim, generator=generator).to(dtype).requires_grad_()
                for h in (q_heads, kv_heads, kv_heads))
-    out = cptfast.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, window=window)
+    out = cptfast.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, window=window,
+                                   softcap=softcap)
     upstream = torch.randn(out.shape, generator=generator)
     grads = torch.autograd.grad(out, (q, k, v), upstream.to(dtype))
 
     inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = oracle(*inputs, cu_seqlens, causal=causal, window=window)
+    want = oracle(*inputs, cu_seqlens, causal=causal, window=window, softcap=softcap)
     want_grads = torch.autograd.grad(want, inputs, upstream.to(dtype).double())
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and relative_error(out, want) < tolerance
@@ -189,7 +194,7 @@ def test_bad_arguments_are_named(backend):
 
 def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                 max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False,
-                                window_size=(-1, -1)):
+                                window_size=(-1, -1), softcap=0.0):
     """flash-attn's documented semantics, written independently: query i of a sequence sees
     key j when i - left <= j <= i + right (-1: unbounded) and, if causal, j <= i."""
     assert torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == max_seqlen_k
@@ -209,13 +214,16 @@ def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
             visible &= j <= i + right
         for head in range(q.shape[1]):
             scores = q[start:end, head] @ k[start:end, head // group].T * softmax_scale
+            if softcap > 0:
+                scores = softcap * torch.tanh(scores / softcap)
             weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
             out[start:end, head] = weights @ v[start:end, head // group]
     return out
 
 
-@pytest.mark.parametrize("causal,window", [(True, None), (True, 5), (False, None), (False, 3)])
-def test_flash_attn_arguments_keep_our_semantics(monkeypatch, causal, window):
+@pytest.mark.parametrize("causal,window,softcap",
+                         [(True, None, None), (True, 5, None), (False, None, 1.5), (False, 3, None)])
+def test_flash_attn_arguments_keep_our_semantics(monkeypatch, causal, window, softcap):
     # The dispatch to flash-attn runs only on CUDA; its argument mapping is checked here
     # against a stand-in module with flash-attn's semantics.
     from cptfast import ops
@@ -227,8 +235,8 @@ def test_flash_attn_arguments_keep_our_semantics(monkeypatch, causal, window):
     q, k, v = (torch.randn(30, h, 16, generator=generator, dtype=torch.float64)
                for h in (4, 2, 2))
     got = ops._flash_attn_varlen(q, k, v, cu_seqlens, 21, causal=causal, softmax_scale=0.25,
-                                 window=window)
-    want = oracle(q, k, v, cu_seqlens, causal=causal, window=window, scale=0.25)
+                                 window=window, softcap=softcap)
+    want = oracle(q, k, v, cu_seqlens, causal=causal, window=window, scale=0.25, softcap=softcap)
     assert relative_error(got, want) < 1e-12
 
 
