@@ -8,9 +8,10 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "errors", "ops", "reference")
+_SUBMODULES = ("data", "errors", "hf", "ops", "reference")
 _FROM_OPS = ("apply_rotary_", "cross_entropy", "fused_linear_cross_entropy",
              "varlen_attention")
+_FROM_HF = ("accelerate", "unaccelerate")
 
 
 def __getattr__(name: str):
@@ -18,8 +19,10 @@ def __getattr__(name: str):
         return importlib.import_module(f"cptfast.{name}")
     if name in _FROM_OPS:
         return getattr(importlib.import_module("cptfast.ops"), name)
+    if name in _FROM_HF:
+        return getattr(importlib.import_module("cptfast.hf"), name)
     raise AttributeError(f"module 'cptfast' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_SUBMODULES, *_FROM_OPS])
+    return sorted([*globals(), *_SUBMODULES, *_FROM_OPS, *_FROM_HF])

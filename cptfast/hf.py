@@ -11,15 +11,15 @@ cptfast's kernels, in place, with nothing else changing (same checkpoint, genera
   `fused_linear_cross_entropy` with ``lm_head.weight`` (labels shifted as transformers shifts
   them, ``num_items_in_batch`` honoured); no logits are built and ``logits`` is ``None`` unless
   ``return_logits=True``. In eval and generation the model's own forward runs.
-- RoPE: the family's ``apply_rotary_pos_emb`` is swapped for the fused in-place kernel on
-  CUDA (a module-level function, so it is shared by every accelerated model of the family and
-  restored when the last one is unaccelerated).
+- RoPE: inside the model's attention modules, the family's ``apply_rotary_pos_emb`` becomes
+  the fused in-place kernel on CUDA (other models of the family are untouched).
 
 Everything family-specific is one row of FAMILIES.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -55,6 +55,7 @@ class _State:
     loss: bool
     rope: bool
     original_attention: str | None
+    rotary_hooks: list
 
 
 def accelerate(model, *, attention: bool = True, loss: bool = True, rope: bool = True):
@@ -74,9 +75,11 @@ def accelerate(model, *, attention: bool = True, loss: bool = True, rope: bool =
         model.set_attn_implementation(ATTENTION_NAME)
     if loss:
         model.forward = _accelerated_forward.__get__(model)
+    hooks = []
     if rope:
-        _patch_rotary(family)
-    model._cptfast = _State(family, attention, loss, rope, original_attention)
+        _install_rotary(family)
+        hooks = _rotary_hooks(model, family)
+    model._cptfast = _State(family, attention, loss, rope, original_attention, hooks)
     return model
 
 
@@ -89,8 +92,8 @@ def unaccelerate(model):
         model.set_attn_implementation(state.original_attention)
     if state.loss:
         del model.forward  # the class's forward shows through again
-    if state.rope:
-        _unpatch_rotary(state.family)
+    for hook in state.rotary_hooks:
+        hook.remove()
     del model._cptfast
     return model
 
@@ -266,9 +269,11 @@ def _attention_with_cache(query, key, value, attention_mask, scaling, window, so
 
 # ---------------------------------------------------------------------------------------------
 # RoPE: the family's apply_rotary_pos_emb, swapped for the fused in-place kernel on CUDA.
+# transformers calls a module-level function, so the swap is made once per family and passes
+# through to the original unless called from inside an accelerated model's attention module
+# (forward hooks, which also fire when activation checkpointing recomputes a layer).
 
-_rotary_users: dict[str, int] = {}
-_original_rotary: dict[str, object] = {}
+_fused_rotary_on = contextvars.ContextVar("cptfast_fused_rotary", default=False)
 
 
 def _modeling(family: Family):
@@ -276,23 +281,39 @@ def _modeling(family: Family):
         f"transformers.models.{family.module}.modeling_{family.module}")
 
 
-def _patch_rotary(family: Family) -> None:
-    if _rotary_users.get(family.module, 0) == 0:
-        modeling = _modeling(family)
-        original = modeling.apply_rotary_pos_emb
-        _original_rotary[family.module] = original
+def _install_rotary(family: Family) -> None:
+    modeling = _modeling(family)
+    original = modeling.apply_rotary_pos_emb
+    if hasattr(original, "cptfast_original"):
+        return
 
-        def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if _fused_rotary_on.get():
             return _fused_rotary(q, k, cos, sin, unsqueeze_dim, original)
+        return original(q, k, cos, sin, unsqueeze_dim)
 
-        modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
-    _rotary_users[family.module] = _rotary_users.get(family.module, 0) + 1
+    apply_rotary_pos_emb.cptfast_original = original
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
-def _unpatch_rotary(family: Family) -> None:
-    _rotary_users[family.module] -= 1
-    if _rotary_users[family.module] == 0:
-        _modeling(family).apply_rotary_pos_emb = _original_rotary.pop(family.module)
+def _rotary_hooks(model, family: Family) -> list:
+    """Hooks that switch the fused rotary on around each attention module of this model."""
+    modeling_name = _modeling(family).__name__
+    handles = []
+    for module in model.modules():
+        kind = type(module)
+        if kind.__module__ == modeling_name and kind.__name__.endswith("Attention"):
+            handles.append(module.register_forward_pre_hook(_rotary_on))
+            handles.append(module.register_forward_hook(_rotary_off, always_call=True))
+    return handles
+
+
+def _rotary_on(module, args):
+    module._cptfast_rotary_token = _fused_rotary_on.set(True)
+
+
+def _rotary_off(module, args, output):
+    _fused_rotary_on.reset(module.__dict__.pop("_cptfast_rotary_token"))
 
 
 def _fused_rotary(q, k, cos, sin, unsqueeze_dim, original):

@@ -63,27 +63,26 @@ def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
 
 
 class _RotaryInPlace(torch.autograd.Function):
+    # One tensor per Function: autograd allows an in-place Function on a view (q and k are
+    # usually views of the projections) only when it returns a single tensor.
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        rotate_(q, cos, sin)
-        rotate_(k, cos, sin)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, x, cos, sin):
+        rotate_(x, cos, sin)
+        ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin)
-        return q, k
+        return x
 
     @staticmethod
-    def backward(ctx, grad_q, grad_k):
+    def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        grad_q = rotate_(grad_q.clone(memory_format=torch.contiguous_format), cos, sin, True)
-        grad_k = rotate_(grad_k.clone(memory_format=torch.contiguous_format), cos, sin, True)
-        return grad_q, grad_k, None, None
+        return rotate_(grad.clone(memory_format=torch.contiguous_format), cos, sin, True), None, None
 
 
 def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q and k in place with per-token cos/sin [T, D]; returns (q, k). Inputs are
     assumed checked (cptfast.ops does)."""
     cos, sin = cos.contiguous(), sin.contiguous()
-    return _RotaryInPlace.apply(q, k, cos, sin)
+    return _RotaryInPlace.apply(q, cos, sin), _RotaryInPlace.apply(k, cos, sin)
 
 
 def aot_specs() -> list[dict]:

@@ -1,0 +1,228 @@
+"""cptfast.accelerate on tiny random models of every supported family, against the same model
+unaccelerated (eager attention, the ground truth), offline and in fp32."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import cptfast
+from cptfast import hf
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              initializer_range=0.2, attn_implementation="eager", pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
+GEMMA = dict(head_dim=16, sliding_window=6, final_logit_softcapping=0.8,
+             query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=6),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON),
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
+    "gemma2": lambda: transformers.Gemma2Config(**COMMON, **GEMMA, attn_logit_softcapping=0.7),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**COMMON, **GEMMA),
+    "phi3": lambda: transformers.Phi3Config(**COMMON),
+}
+DOCUMENTS = [5, 1, 9, 13]  # a length-1 document, and ones longer than the sliding window
+
+
+def make_pair(family: str, **options):
+    """(stock, accelerated) copies of one random model, in training mode."""
+    torch.manual_seed(0)
+    stock = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).train()
+    assert stock.config.model_type == family
+    return stock, cptfast.accelerate(copy.deepcopy(stock), **options)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert not torch.isnan(got).any()
+    got, want = got.detach(), want.detach()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def assert_same_gradients(stock, fast, tolerance=2e-5):
+    for (name, a), b in zip(stock.named_parameters(), fast.parameters()):
+        if a.grad is None:
+            assert b.grad is None or not b.grad.any(), name
+            continue
+        assert relative_error(b.grad, a.grad) < tolerance, name
+
+
+def packed_batch(generator):
+    """One row of packed documents with document-restarting position_ids and the labels
+    DataCollatorWithFlattening makes (-100 on every document's first token, so no token
+    learns to predict the next document)."""
+    ids = torch.randint(3, 97, (1, sum(DOCUMENTS)), generator=generator)
+    bounds = torch.tensor([0, *DOCUMENTS]).cumsum(0)
+    positions = torch.cat([torch.arange(n) for n in DOCUMENTS])[None]
+    labels = ids.clone()
+    labels[0, bounds[:-1]] = -100
+    flash_kwargs = dict(cu_seq_lens_q=bounds.to(torch.int32), cu_seq_lens_k=bounds.to(torch.int32),
+                        max_length_q=max(DOCUMENTS), max_length_k=max(DOCUMENTS))
+    return ids, labels, positions, bounds.tolist(), flash_kwargs
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_unpacked_loss_gradients_and_logits(family):
+    stock, fast = make_pair(family)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (2, 17), generator=generator)
+    want, got = stock(input_ids=ids, labels=ids), fast(input_ids=ids, labels=ids)
+    assert got.logits is None  # never built in training
+    assert relative_error(got.loss, want.loss) < 1e-6
+    want.loss.backward()
+    got.loss.backward()
+    assert_same_gradients(stock, fast)
+    # return_logits=True builds them as usual.
+    with_logits = fast(input_ids=ids, labels=ids, return_logits=True)
+    assert relative_error(with_logits.logits, want.logits) < 1e-5
+    # Eval: logits equal, padding included (right padding, compared where not padded).
+    stock.eval()
+    fast.eval()
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    with torch.no_grad():
+        want = stock(input_ids=ids, attention_mask=mask).logits
+        got = fast(input_ids=ids, attention_mask=mask).logits
+    kept = mask.bool()
+    assert relative_error(got[kept], want[kept]) < 1e-5
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_packed_batch_equals_each_document_alone(family):
+    stock, fast = make_pair(family)
+    ids, labels, positions, bounds, flash_kwargs = packed_batch(torch.Generator().manual_seed(2))
+    targets = sum(n - 1 for n in DOCUMENTS)
+    want = sum(stock(input_ids=ids[:, a:b], labels=ids[:, a:b], num_items_in_batch=targets).loss
+               for a, b in zip(bounds[:-1], bounds[1:]))
+    got = fast(input_ids=ids, labels=labels, position_ids=positions, **flash_kwargs)
+    assert relative_error(got.loss, want) < 1e-6
+    want.backward()
+    got.loss.backward()
+    assert_same_gradients(stock, fast)
+
+
+def test_llama_with_the_triton_kernels(monkeypatch):
+    # The same checks with attention, loss and RoPE on the Triton kernels (interpreter).
+    monkeypatch.setenv("CPTFAST_BACKEND", "triton")
+    test_packed_batch_equals_each_document_alone("llama")
+    test_unpacked_loss_gradients_and_logits("llama")
+
+
+def test_without_boundaries_documents_leak_and_a_warning_says_so(monkeypatch):
+    # The negative control for the packed test: the same row without cu_seq_lens is one long
+    # sequence, so the loss differs from the documents taken alone.
+    stock, fast = make_pair("llama")
+    ids, labels, positions, bounds, _ = packed_batch(torch.Generator().manual_seed(2))
+    targets = sum(n - 1 for n in DOCUMENTS)
+    want = sum(stock(input_ids=ids[:, a:b], labels=ids[:, a:b], num_items_in_batch=targets).loss
+               for a, b in zip(bounds[:-1], bounds[1:]))
+    monkeypatch.setattr(hf, "_warned_about_position_ids", False)
+    with pytest.warns(UserWarning, match="no cu_seq_lens_q was passed"):
+        leaked = fast(input_ids=ids, labels=labels, position_ids=positions)
+    assert relative_error(leaked.loss, want) > 1e-3
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_generate_gives_the_same_tokens(family):
+    stock, fast = make_pair(family)
+    stock.eval()
+    fast.eval()
+    prompts = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0  # left padding
+    prompts[0, :3] = 0
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = stock.generate(prompts, **options)
+    got = fast.generate(prompts, **options)
+    assert torch.equal(got, want)
+
+
+def test_gradient_accumulation_with_num_items_matches_one_batch():
+    _, fast = make_pair("llama")
+    twin = copy.deepcopy(fast)
+    ids = torch.randint(3, 97, (4, 15), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, 5:] = -100  # unequal counts per micro-batch: a plain mean of means would differ
+    fast(input_ids=ids, labels=labels).loss.backward()
+    total = int((labels[:, 1:] != -100).sum())
+    for part in (slice(0, 1), slice(1, 4)):
+        twin(input_ids=ids[part], labels=labels[part],
+             num_items_in_batch=torch.tensor(total)).loss.backward()
+    assert_same_gradients(fast, twin, tolerance=1e-5)
+
+
+def test_unaccelerate_restores_and_accelerating_twice_is_a_no_op():
+    stock, fast = make_pair("gemma2")
+    assert fast.config._attn_implementation == "cptfast"
+    hooks = len(fast._cptfast.rotary_hooks)
+    assert hooks == 2 * 2  # on and off around each layer's attention
+    assert cptfast.accelerate(fast) is fast and len(fast._cptfast.rotary_hooks) == hooks
+    cptfast.unaccelerate(fast)
+    assert fast.config._attn_implementation == "eager"
+    assert "forward" not in vars(fast) and not hasattr(fast, "_cptfast")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in fast.modules())
+    ids = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fast(input_ids=ids, labels=ids).logits,
+                       stock(input_ids=ids, labels=ids).logits)
+
+
+def test_fused_rotary_runs_only_inside_accelerated_models(monkeypatch):
+    monkeypatch.setenv("CPTFAST_BACKEND", "triton")
+    calls = []
+    real = hf.ops.apply_rotary_
+    monkeypatch.setattr(hf.ops, "apply_rotary_", lambda *a: calls.append(1) or real(*a))
+    stock, fast = make_pair("llama")
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(7))
+    fast(input_ids=ids, labels=ids)
+    assert len(calls) == 2  # one per layer
+    stock(input_ids=ids, labels=ids)  # same family, not accelerated: transformers' own
+    cptfast.unaccelerate(fast)
+    fast(input_ids=ids, labels=ids)
+    assert len(calls) == 2
+
+
+def test_save_pretrained_is_identical(tmp_path):
+    stock, fast = make_pair("qwen2")
+    stock.save_pretrained(tmp_path / "stock")
+    fast.save_pretrained(tmp_path / "fast")
+    names = sorted(p.name for p in (tmp_path / "stock").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "fast").iterdir())
+    for name in names:
+        assert (tmp_path / "stock" / name).read_bytes() == (tmp_path / "fast" / name).read_bytes()
+
+
+def test_unsupported_family_names_the_supported_ones():
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(NotImplementedError, match="llama, mistral.*not 'gpt2'"):
+        cptfast.accelerate(model)
+    assert "forward" not in vars(model)
+
+
+def test_hf_trainer_on_packed_batches_lowers_the_loss(tmp_path):
+    # A real client: transformers' Trainer with its flattening collator (which passes the
+    # document boundaries as flash-attention kwargs) trains an accelerated model.
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    _, model = make_pair("llama")
+    generator = torch.Generator().manual_seed(6)
+    pattern = torch.randint(3, 97, (8,), generator=generator)
+    examples = [{"input_ids": pattern.repeat(1 + i % 3)[: 5 + 3 * (i % 5)].tolist()}
+                for i in range(64)]
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=24,
+        learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(model=model, args=arguments, train_dataset=examples,
+                          data_collator=collator)
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 24 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
