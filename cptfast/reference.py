@@ -264,6 +264,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         doc_q = q[start:end].transpose(0, 1)  # [H, L, D]
         doc_k = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
         doc_v = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+        if window is None and softcap is None:  # PyTorch's flash kernel (4-D only), no mask
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+                doc_q[None], doc_k[None], doc_v[None], is_causal=causal,
+                scale=scale)[0].transpose(0, 1)
+            continue
         positions = torch.arange(end - start, device=q.device)
         offset = positions[:, None] - positions[None, :]  # query - key
         visible = torch.ones_like(offset, dtype=torch.bool)

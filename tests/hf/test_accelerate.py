@@ -226,3 +226,14 @@ def test_hf_trainer_on_packed_batches_lowers_the_loss(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 24 and all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
+
+
+def test_parts_can_be_left_out():
+    stock, fast = make_pair("mistral", attention=False, rope=False)
+    assert fast.config._attn_implementation == "eager" and fast._cptfast.rotary_hooks == []
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(8))
+    assert fast(input_ids=ids, labels=ids).logits is None  # the loss part is on
+    cptfast.accelerate(fast, loss=False)  # other options: re-applied, not a no-op
+    assert "forward" not in vars(fast) and fast.config._attn_implementation == "cptfast"
+    assert relative_error(fast(input_ids=ids, labels=ids).loss,
+                          stock(input_ids=ids, labels=ids).loss) < 1e-6

@@ -1,0 +1,109 @@
+"""`cptfast.accelerate` on a transformers model: one training step (forward + backward),
+accelerated vs stock (SDPA attention, logits + cross-entropy), same model, same batch, same run.
+
+On the CPU: a small Llama-shaped model (hidden 256, 4 layers, 8 query / 4 key-value heads,
+vocabulary 32,000), 2 rows of 2,048 tokens (x CPTFAST_BENCH_SCALE), fp32, each variant in its
+own process so that peak RSS is its own; "extra" memory is the peak beyond the state before the
+step. On a GPU (when present): Llama-3-8B attention and head shapes (hidden 4096, 32/8 heads,
+head_dim 128, vocabulary 128,256) with 2 layers, bf16, 8,192 tokens.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SCALE, record_ratio
+
+SEQ = max(256, int(2048 * SCALE))
+
+_RUN_ONE = r"""
+import json, resource, sys, time, torch, transformers
+import cptfast
+variant, seq = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+config = transformers.LlamaConfig(
+    vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=seq,
+    attn_implementation="sdpa")
+model = transformers.LlamaForCausalLM(config).train()
+if variant == "accelerated":
+    cptfast.accelerate(model)
+ids = torch.randint(0, 32000, (2, seq))
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+def step():
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=False)
+    return float(loss)
+step()  # warm-up: gradients allocated, first-call costs paid
+before = rss()
+started = time.perf_counter()
+loss = step()
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "extra_bytes": peak - before, "loss": loss}))
+"""
+
+
+def run_variant(variant: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _RUN_ONE, variant, str(SEQ)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_training_step_cpu(benchmark):
+    stock = run_variant("stock")
+    ours = benchmark.pedantic(lambda: run_variant("accelerated"), rounds=1, iterations=1)
+    assert abs(ours["loss"] - stock["loss"]) < 1e-4 * abs(stock["loss"])
+    benchmark.extra_info.update(stock=stock, ours=ours, seq=SEQ)
+    memory = ours["extra_bytes"] / stock["extra_bytes"]
+    time_ratio = ours["seconds"] / stock["seconds"]
+    record_ratio("accelerate: step peak extra memory (CPU)", "stock transformers (sdpa)",
+                 1 / memory, f"{ours['extra_bytes'] / 2**20:,.0f} MiB vs "
+                             f"{stock['extra_bytes'] / 2**20:,.0f} MiB; 2 x {SEQ} tokens, V=32000")
+    record_ratio("accelerate: step time (CPU)", "stock transformers (sdpa)", 1 / time_ratio,
+                 f"{ours['seconds']:.2f} s vs {stock['seconds']:.2f} s")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_training_step_gpu(benchmark):
+    import copy
+
+    import transformers
+
+    import cptfast
+
+    config = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        attn_implementation="sdpa", torch_dtype=torch.bfloat16)
+    stock = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
+    fast = cptfast.accelerate(copy.deepcopy(stock))
+    ids = torch.randint(0, config.vocab_size, (1, 8192), device="cuda")
+
+    def measure(model):
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=False)
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 5, torch.cuda.max_memory_allocated() - base
+
+    stock_ms, stock_bytes = measure(stock)
+    ours_ms, ours_bytes = benchmark.pedantic(lambda: measure(fast), rounds=1, iterations=1)
+    record_ratio("accelerate: step time (GPU, 8B shapes)", "stock transformers (sdpa)",
+                 stock_ms / ours_ms, f"{ours_ms:.1f} ms vs {stock_ms:.1f} ms")
+    record_ratio("accelerate: step peak memory (GPU)", "stock transformers (sdpa)",
+                 stock_bytes / ours_bytes, f"{ours_bytes / 2**30:.2f} GiB vs "
+                                           f"{stock_bytes / 2**30:.2f} GiB")
