@@ -74,7 +74,7 @@ def _extension_and_cmdclass():
 ext_modules, cmdclass = _extension_and_cmdclass()
 
 setup(
-    packages=["cptfast", "cptfast.data", "cptfast.demo", "cptfast.kernels"],
+    packages=["cptfast", "cptfast.data", "cptfast.demo", "cptfast.kernels", "cptfast.training"],
     # Triton kernels live in the top-level kernels/ folder but install as cptfast.kernels.
     package_dir={"cptfast": "cptfast", "cptfast.kernels": "kernels"},
     package_data={"cptfast.demo": ["*.txt", "*.jsonl"]},

@@ -132,23 +132,31 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, position_ids
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
         **kwargs)
-    hidden = outputs.last_hidden_state
     if shift_labels is None:  # position i predicts token i + 1, as transformers shifts
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-    head = self.get_output_embeddings()
-    softcap_attr = self._cptfast.family.logit_softcap
     num_items = kwargs.get("num_items_in_batch")
-    loss = ops.fused_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight,
-        shift_labels.reshape(-1).to(hidden.device), bias=head.bias,
-        softcap=getattr(self.config, softcap_attr) if softcap_attr else None,
-        reduction="mean" if num_items is None else "sum")
+    loss = lm_loss(self, outputs.last_hidden_state, shift_labels,
+                   reduction="mean" if num_items is None else "sum")
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     return CausalLMOutputWithPast(loss=loss, logits=None,
                                   past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
+
+
+def lm_loss(model, hidden: torch.Tensor, shift_labels: torch.Tensor, *,
+            reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss of a supported causal LM from its last hidden state [..., H] and labels
+    already aligned with it (-100: ignored), through the fused linear cross-entropy with the
+    model's output head and final-logit softcap: no logits."""
+    family = family_of(model, loss=True)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, family.logit_softcap) if family.logit_softcap else None
+    return ops.fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight,
+        shift_labels.reshape(-1).to(hidden.device), bias=head.bias, softcap=softcap,
+        reduction=reduction)
 
 
 # ---------------------------------------------------------------------------------------------

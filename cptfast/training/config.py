@@ -1,0 +1,275 @@
+"""The trainer's configuration: TOML (read with tomllib) into dataclasses, one per section.
+
+Unknown sections and keys are errors that name the closest valid key; ``--section.key=value``
+overrides take TOML values (``--optim.lr=3e-4``, ``--data.packing=bestfit``) and fall back to
+a plain string. `describe()` lists every key with its default and help (``--print-config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _help("a local Hugging Face model directory (config.json + safetensors)", "")
+    attention: bool = _help("cptfast's packed attention (documents never see each other)", True)
+    loss: bool = _help("the fused linear cross-entropy (no logits in training)", True)
+    rope: bool = _help("the fused in-place RoPE kernel (CUDA)", True)
+    activation_checkpointing: bool = _help("recompute each layer in the backward", False)
+
+
+@dataclass
+class SourceConfig:
+    path: str = _help("a shard directory written by `cptfast prepare`", "")
+    weight: float = _help("share of the training tokens (normalised over sources)", 1.0)
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = _help(
+        "training sources: [data.sources.NAME] tables with path and weight", factory=dict)
+    eval: dict[str, str] = _help(
+        "held-out sets by name, NAME = shard directory (e.g. domain, general)", factory=dict)
+    seq_len: int = _help("tokens per packed row", 2048)
+    batch_size: int = _help("rows per micro-batch on each rank", 8)
+    packing: str = _help("concat (no padding) or bestfit (no document split)", "concat")
+    seed: int = _help("seed of the data order (shared by all ranks)", 0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("peak learning rate (re-warmed to from the loaded model)", 2e-5)
+    min_lr_ratio: float = _help("floor of the decay, as a fraction of lr", 0.1)
+    weight_decay: float = _help("AdamW weight decay (not on norms, biases, 1-D params)", 0.1)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.95)
+    eps: float = _help("AdamW epsilon", 1e-8)
+    grad_clip: float = _help("clip the global gradient norm to this (0: off)", 1.0)
+    global_batch_tokens: int = _help(
+        "tokens per optimizer step over all ranks; micro-batches accumulate to it "
+        "(0: one micro-batch per step)", 0)
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = _help("cosine | linear (warmup then decay to the floor) | wsd "
+                      "(warmup-stable-decay) | constant (warmup then flat)", "cosine")
+    warmup_steps: int = _help("linear re-warming from 0 to lr", 100)
+    decay_fraction: float = _help("wsd: the final fraction of the steps that decays", 0.2)
+    decay_shape: str = _help("wsd: linear | cosine | 1-sqrt", "1-sqrt")
+
+
+@dataclass
+class TrainSection:
+    steps: int = _help("optimizer steps in this run", 1000)
+    output: str = _help("run directory: checkpoints/, metrics.jsonl, final/", "runs/cptfast")
+    precision: str = _help("fp32 | bf16-mixed (fp32 weights, bf16 compute) | bf16-pure "
+                           "(bf16 weights and optimizer states)", "bf16-mixed")
+    seed: int = _help("seed of the model-side randomness", 0)
+    max_nonfinite_steps: int = _help("stop after this many non-finite losses in a row", 5)
+    device: str = _help("auto (cuda when present) | cpu | cuda", "auto")
+    deterministic: bool = _help("torch deterministic algorithms (exact resumption checks)",
+                                False)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _help("save every N steps (0: only at the end)", 500)
+    keep: int = _help("keep the newest K checkpoints", 3)
+    resume: str = _help("auto (newest complete checkpoint in output) | none | a path", "auto")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _help("evaluate every N steps (0: only before and after)", 200)
+    batches: int = _help("micro-batches per held-out set", 8)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = _help("write a metrics line every N steps", 1)
+    progress: bool = _help("a tqdm progress bar", True)
+    tensorboard: bool = _help("also write TensorBoard events when installed", True)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> Config:
+        """Checks that need more than one key; raises ValueError naming the key."""
+        _one_of("train.precision", self.train.precision, PRECISIONS)
+        _one_of("schedule.kind", self.schedule.kind, SCHEDULES)
+        _one_of("schedule.decay_shape", self.schedule.decay_shape, DECAY_SHAPES)
+        _one_of("data.packing", self.data.packing, ("concat", "bestfit"))
+        _one_of("train.device", self.train.device, ("auto", "cpu", "cuda"))
+        for key, value, low in (("train.steps", self.train.steps, 1),
+                                ("data.seq_len", self.data.seq_len, 2),
+                                ("data.batch_size", self.data.batch_size, 1),
+                                ("schedule.warmup_steps", self.schedule.warmup_steps, 0),
+                                ("checkpoint.keep", self.checkpoint.keep, 1),
+                                ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1)):
+            if value < low:
+                raise ValueError(f"{key} must be at least {low}, got {value}")
+        if not 0 < self.schedule.decay_fraction <= 1:
+            raise ValueError(f"schedule.decay_fraction must lie in (0, 1], got "
+                             f"{self.schedule.decay_fraction}")
+        if not 0 <= self.optim.min_lr_ratio <= 1 or not self.optim.lr > 0:
+            raise ValueError("optim.lr must be positive and optim.min_lr_ratio in [0, 1]")
+        if not self.model.path:
+            raise ValueError("model.path is required: a local Hugging Face model directory")
+        if not self.data.sources:
+            raise ValueError("data.sources is empty: add [data.sources.NAME] with a path")
+        for name, source in self.data.sources.items():
+            if not source.path:
+                raise ValueError(f"data.sources.{name}.path is required")
+            if not source.weight >= 0:
+                raise ValueError(f"data.sources.{name}.weight must be >= 0")
+        return self
+
+
+def _one_of(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _unknown(key: str, valid) -> ValueError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(valid), n=1, cutoff=0.5)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint} (cptfast train --print-config lists "
+                      "every key)")
+
+
+def _build(cls, table: dict, where: str):
+    """A dataclass from a TOML table, recursively, with unknown keys named."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where or 'config'} must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise _unknown(path, fields)
+        values[key] = _convert(fields[key].type, value, path)
+    return cls(**values)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+             "schedule": ScheduleConfig, "train": TrainSection, "checkpoint": CheckpointConfig,
+             "eval": EvalConfig, "logging": LoggingConfig}
+
+
+def _convert(annotation: str, value: Any, path: str):
+    kinds = {"str": str, "int": int, "float": float, "bool": bool}
+    if annotation in _SECTION_TYPES:
+        return _build(_SECTION_TYPES[annotation], value, path)
+    if annotation == "dict[str, SourceConfig]":
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a table of [{path}.NAME] tables")
+        return {name: _build(SourceConfig, table, f"{path}.{name}")
+                for name, table in value.items()}
+    if annotation == "dict[str, str]":
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(f"{path} must be a table of NAME = \"shard directory\"")
+        return dict(value)
+    kind = kinds[annotation]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool) or not isinstance(value, kind) or (
+            kind is int and isinstance(value, bool)):
+        raise ValueError(f"{path} must be {annotation}, got {value!r}")
+    return value
+
+
+_SECTION_TYPES = {cls.__name__: cls for cls in _SECTIONS.values()}
+
+
+def from_dict(table: dict) -> Config:
+    return _build(Config, table, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``--section.key=value`` -> (["section", "key"], value parsed as TOML, else a string)."""
+    if not text.startswith("--") or "=" not in text:
+        raise ValueError(f"overrides look like --section.key=value, got {text!r}")
+    key, raw = text[2:].split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config from a TOML file (or the defaults) with ``--section.key=value`` overrides
+    applied, validated."""
+    table: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path}: not valid TOML: {error}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = table
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {key} is not a table")
+        node[keys[-1]] = value
+    return from_dict(table).validate()
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def describe() -> str:
+    """Every key with its default and what it does, as TOML (``--print-config``)."""
+    lines = []
+    for section, cls in _SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            shown = _toml_value(default)
+            lines.append(f"{f.name} = {shown:<24} # {f.metadata.get('help', '')}")
+        lines.append("")
+    lines.append("# [data.sources.NAME]: path = \"shard directory\", weight = 1.0 (one table per "
+                 "source)")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "{}"
+    return repr(value)

@@ -1,0 +1,289 @@
+"""`cptfast.train(config)`: continued pretraining of a Hugging Face causal LM on token shards.
+
+One function, top to bottom: load the model (from the base checkpoint, or from the newest
+checkpoint of the run when resuming), accelerate it, build the packed loader, then for each
+optimizer step: gather the micro-batches of the step, run forward/backward with the loss
+normalised by the step's label count, clip, step (or skip a non-finite step), log, evaluate the
+held-out sets, checkpoint. Resuming restores weights, optimizer, schedule position, data
+position and RNG states, so a resumed run continues bit for bit (on the CPU with deterministic
+settings).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cptfast import hf
+from cptfast.data.loader import PackedLoader
+from cptfast.training import checkpoint
+from cptfast.training.config import Config, to_dict
+from cptfast.training.metrics import MetricsLog, model_flops_per_token, peak_flops, peak_memory
+from cptfast.training.schedule import lr_at
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row; the last good state was checkpointed."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_checkpoint: Path
+    steps: int
+    tokens: int
+    skipped_steps: int
+    evals: list[dict] = field(default_factory=list)  # one {"step", name: loss...} per eval
+    tokens_per_s: float = 0.0
+
+
+def train(config: Config) -> TrainResult:
+    """Run (or resume) the training described by ``config``; returns a summary."""
+    from transformers.utils import logging as transformers_logging
+
+    config.validate()
+    transformers_logging.disable_progress_bar()  # per-save bars would drown our own
+    run_dir = Path(config.train.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = _device(config.train.device)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    resume_from = _resume_point(config, run_dir)
+    torch.manual_seed(config.train.seed)
+
+    # --- model, tokenizer, optimizer -----------------------------------------------------------
+    model, tokenizer = _load_model(resume_from or Path(config.model.path), config, device)
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+        betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
+        fused=device.type == "cuda")
+
+    # --- data ----------------------------------------------------------------------------------
+    loader = PackedLoader({name: s.path for name, s in config.data.sources.items()},
+                          config.data.seq_len, config.data.batch_size,
+                          weights={name: s.weight for name, s in config.data.sources.items()},
+                          packing=config.data.packing, seed=config.data.seed, device=device)
+    _check_vocabulary(loader, model)
+    tokens_per_micro_batch = config.data.seq_len * config.data.batch_size
+    accumulation = max(1, config.optim.global_batch_tokens // tokens_per_micro_batch)
+    eval_sets = {name: _fixed_batches(path, config, device)
+                 for name, path in config.data.eval.items()}
+
+    # --- resume --------------------------------------------------------------------------------
+    step, tokens_seen, skipped, nonfinite_in_a_row = 0, 0, 0, 0
+    evals: list[dict] = []
+    if resume_from is not None:
+        state = checkpoint.load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
+        evals = state["evals"]
+    log = MetricsLog(run_dir, resume_step=step, progress=config.logging.progress,
+                     tensorboard=config.logging.tensorboard, total_steps=config.train.steps)
+    flops_per_token, peak = model_flops_per_token(model, config.data.seq_len), peak_flops(device)
+    kill_at = _test_kill_points()
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
+                 "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                 "rng": _rng_states(device), "evals": evals, "config": to_dict(config)}
+        return checkpoint.save(run_dir, at_step, model, tokenizer, state,
+                               keep=config.checkpoint.keep, kill_at=kill_at.get("checkpoint"))
+
+    def evaluate(at_step: int) -> None:
+        if eval_sets:
+            losses = {name: _eval_loss(model, batches, config)
+                      for name, batches in eval_sets.items()}
+            evals.append({"step": at_step, **losses})
+            log.eval(at_step, losses)
+
+    if step == 0:
+        evaluate(0)  # "before": the forgetting monitor's baseline
+    saved_step = step if resume_from is not None else None
+    started, tokens_at_start = time.perf_counter(), tokens_seen
+
+    # --- the loop ------------------------------------------------------------------------------
+    while step < config.train.steps:
+        step_start = time.perf_counter()
+        batches = [next(loader) for _ in range(accumulation)]
+        data_wait = time.perf_counter() - step_start
+        label_count = sum(int((b.labels != -100).sum()) for b in batches)
+        lr = lr_at(step, lr=config.optim.lr, steps=config.train.steps,
+                   kind=config.schedule.kind, warmup_steps=config.schedule.warmup_steps,
+                   min_lr_ratio=config.optim.min_lr_ratio,
+                   decay_fraction=config.schedule.decay_fraction,
+                   decay_shape=config.schedule.decay_shape)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        model.train()
+        loss = torch.zeros((), device=device)
+        for batch in batches:
+            with _autocast(config.train.precision, device):
+                out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                            labels=batch.labels, shift_labels=batch.labels,
+                            num_items_in_batch=max(label_count, 1),
+                            cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+                            max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+            out.loss.backward()
+            loss += out.loss.detach().float()
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        loss_value, grad_norm_value = float(loss), float(grad_norm)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        if finite:
+            optimizer.step()
+            nonfinite_in_a_row = 0
+        else:  # skip: the weights stay the last good ones
+            skipped += 1
+            nonfinite_in_a_row += 1
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_micro_batch * accumulation
+
+        seconds = time.perf_counter() - step_start
+        tokens_per_s = tokens_per_micro_batch * accumulation / seconds
+        log.step(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
+                        "tokens": tokens_seen, "tokens_per_s": tokens_per_s,
+                        "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+                        "data_wait_frac": data_wait / seconds, "skipped_steps": skipped,
+                        "memory_bytes": peak_memory(device)},
+                 write=step % config.logging.every == 0 or not finite)
+        if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
+            path = save(step)
+            log.close()
+            raise NonFiniteLossError(
+                f"{nonfinite_in_a_row} non-finite losses in a row (last at step {step}); the "
+                f"last good weights are saved in {path}. Lower optim.lr, check the data, or "
+                "use train.precision = \"fp32\" to find the cause")
+        if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
+            evaluate(step)
+        if config.checkpoint.every and step % config.checkpoint.every == 0:
+            save(step)
+            saved_step = step
+        if kill_at.get("step") == step:
+            os.kill(os.getpid(), 9)
+
+    # --- the end -------------------------------------------------------------------------------
+    if not evals or evals[-1]["step"] != step:
+        evaluate(step)
+    final = checkpoint.checkpoint_root(run_dir) / f"step-{step:08d}"
+    if saved_step != step:
+        final = save(step)
+    elapsed = time.perf_counter() - started
+    log.close()
+    return TrainResult(run_dir, final, step, tokens_seen, skipped, evals,
+                       (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0)
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = \"cuda\" but no CUDA device is available")
+    return torch.device(choice)
+
+
+def _resume_point(config: Config, run_dir: Path) -> Path | None:
+    choice = config.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return checkpoint.latest(run_dir)
+    path = Path(choice)
+    if not (path / checkpoint.MARKER).is_file():
+        raise FileNotFoundError(f"checkpoint.resume = {choice!r} is not a complete checkpoint")
+    return path
+
+
+def _load_model(path: Path, config: Config, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; model.path must be a local Hugging "
+                                "Face model directory")
+    dtype = torch.bfloat16 if config.train.precision == "bf16-pure" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model.to(device)
+    hf.accelerate(model, attention=config.model.attention, loss=config.model.loss,
+                  rope=config.model.rope)
+    if config.model.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _parameter_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases or other 1-D parameters."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _check_vocabulary(loader: PackedLoader, model) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    for name, readers in zip(loader.source_names, loader._readers):
+        largest = max(int(reader.max_token_id()) for reader in readers)
+        if largest >= rows:
+            raise ValueError(f"source {name!r} holds token id {largest} but the model's "
+                             f"embedding has {rows} rows; prepare the data with the model's "
+                             "tokenizer (or resize the embeddings first)")
+
+
+def _fixed_batches(path: str, config: Config, device: torch.device) -> list:
+    """The same micro-batches of a held-out set at every evaluation."""
+    loader = PackedLoader({"eval": path}, config.data.seq_len, config.data.batch_size,
+                          packing="concat", seed=1234, num_threads=0, device=device)
+    return [next(loader) for _ in range(config.eval.batches)]
+
+
+@torch.no_grad()
+def _eval_loss(model, batches, config: Config) -> float:
+    """Mean next-token loss over the held-out batches (no logits are built)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with _autocast(config.train.precision, batch.input_ids.device):
+            hidden = model.get_decoder()(
+                input_ids=batch.input_ids, position_ids=batch.position_ids,
+                cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+                max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
+            total += float(hf.lm_loss(model, hidden, batch.labels, reduction="sum"))
+        count += int((batch.labels != -100).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def _autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16-mixed" and device.type == "cuda")
+
+
+def _rng_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _test_kill_points() -> dict:
+    """CPTFAST_TEST_KILL=step:N or checkpoint:N: SIGKILL after step N or half-way through
+    writing checkpoint N (used by the resumption tests)."""
+    spec = os.environ.get("CPTFAST_TEST_KILL", "")
+    if not spec:
+        return {}
+    kind, _, number = spec.partition(":")
+    return {kind: int(number)}
