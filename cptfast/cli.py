@@ -1,4 +1,4 @@
-"""The `cptfast` command: `prepare`, `verify` and `demo` (the trainer's subcommands follow)."""
+"""The `cptfast` command: `train`, `prepare`, `verify` and `demo`."""
 
 from __future__ import annotations
 
@@ -66,10 +66,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cptfast.training import config as train_config
+
+    if args.print_config:
+        print(train_config.describe())
+        return 0
+    if args.config is None and not args.overrides:
+        from cptfast.training.demo import run_demo
+        run_demo(args.demo_output, quick=args.quick_demo)
+        return 0
+    from cptfast.training import train
+
+    result = train(train_config.load(args.config, args.overrides))
+    print(f"cptfast train: {result.steps} steps, {result.tokens:,} tokens, "
+          f"{result.skipped_steps} skipped; final checkpoint {result.final_checkpoint}")
+    for entry in result.evals[-1:]:
+        print("held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
+                                            if k != "step"))
+    return 0
+
+
+def _train_parser(sub) -> None:
+    from cptfast.training.config import describe
+
+    p = sub.add_parser(
+        "train", help="continued pretraining from a TOML config (no arguments: the demo)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continue pretraining a Hugging Face causal LM on token shards. "
+                    "`cptfast train` alone runs the built-in offline demo.",
+        epilog="Every key, with its default (override any with --section.key=value):\n\n"
+               + describe())
+    p.add_argument("config", nargs="?", help="TOML config file")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every key with its default and exit")
+    p.add_argument("--demo-output", default="cptfast-demo",
+                   help="demo working directory (%(default)s)")
+    p.add_argument("--quick-demo", action="store_true", help="a seconds-long demo (tests)")
+    p.set_defaults(run=_cmd_train, overrides=[])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cptfast", description="Kernel-accelerated continued pretraining of causal LMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _train_parser(sub)
 
     p = sub.add_parser("prepare", help="tokenize text files into a shard directory",
                        description="Tokenize .txt, .jsonl[.gz] and .parquet files into a cptfast "
@@ -101,12 +142,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # only `train` takes free-form --section.key=value overrides
+        overrides = _join_values(unknown)
+        if args.command != "train" or not all(o.startswith("--") and "." in o.split("=")[0]
+                                               for o in overrides):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = overrides
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return args.run(args)
-    except USER_ERRORS as error:
+    except USER_ERRORS + (_non_finite_error(),) as error:
         print(f"cptfast {args.command}: error: {error}", file=sys.stderr)
         return 1
+
+
+def _join_values(arguments: list[str]) -> list[str]:
+    """``--a.b=1`` stays; ``--a.b 1`` becomes ``--a.b=1``."""
+    joined = []
+    for argument in arguments:
+        if joined and "=" not in joined[-1] and not argument.startswith("--"):
+            joined[-1] += "=" + argument
+        else:
+            joined.append(argument)
+    return joined
+
+
+def _non_finite_error():
+    from cptfast.training.loop import NonFiniteLossError
+    return NonFiniteLossError

@@ -103,3 +103,45 @@ def build_tokenizer(directory: str | Path, texts: list[str], *, vocab_size: int 
     directory = Path(directory)
     wrapped.save_pretrained(str(directory))
     return directory
+
+
+_SKIPPED_STDLIB_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
+                         "turtledemo", "ensurepip", "__pycache__", "venv"}
+
+
+def stdlib_corpora(max_chars: int = 1_500_000) -> tuple[list[str], list[str]]:
+    """Real text already on every machine with Python: (general, domain) documents from the
+    standard library's source. General: the docstrings of modules, classes and functions
+    (English prose). Domain: the source code of top-level functions and classes. Files are
+    read in sorted order, so the corpora are the same on every run of one Python version;
+    each corpus stops after ``max_chars`` characters."""
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    general: list[str] = []
+    domain: list[str] = []
+    sizes = [0, 0]
+    for path in sorted(stdlib.rglob("*.py")):
+        if _SKIPPED_STDLIB_PARTS & set(path.relative_to(stdlib).parts):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                text = ast.get_docstring(node)
+                if text and len(text) >= 200 and sizes[0] < max_chars:
+                    general.append(text[:4000])
+                    sizes[0] += len(general[-1])
+        for node in tree.body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                code = ast.get_source_segment(source, node)
+                if code and len(code) >= 200 and sizes[1] < max_chars:
+                    domain.append(code[:4000])
+                    sizes[1] += len(domain[-1])
+        if min(sizes) >= max_chars:
+            break
+    return general, domain

@@ -40,6 +40,7 @@ class TrainResult:
     skipped_steps: int
     evals: list[dict] = field(default_factory=list)  # one {"step", name: loss...} per eval
     tokens_per_s: float = 0.0
+    model: object = None  # the trained model (accelerated), still in memory
 
 
 def train(config: Config) -> TrainResult:
@@ -181,7 +182,7 @@ def train(config: Config) -> TrainResult:
     elapsed = time.perf_counter() - started
     log.close()
     return TrainResult(run_dir, final, step, tokens_seen, skipped, evals,
-                       (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0)
+                       (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0, model)
 
 
 def _device(choice: str) -> torch.device:
