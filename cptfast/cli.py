@@ -1,4 +1,4 @@
-"""The `cptfast` command: `train`, `prepare`, `verify` and `demo`."""
+"""The `cptfast` command: `train`, `prepare`, `verify`, `demo` and `data-demo`."""
 
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_data_demo(args: argparse.Namespace) -> int:
     import json
 
     from cptfast.data import prepare, verify
     from cptfast.demo import build_tokenizer, write_sample_corpus
 
     root = Path(args.output)
-    print(f"cptfast demo: everything is built offline under {root.absolute()}")
+    print(f"cptfast data-demo: everything is built offline under {root.absolute()}")
     inputs = write_sample_corpus(root / "corpus")
     texts = [json.loads(line)["text"] for line in inputs[0].read_text().splitlines()]
     texts += inputs[1].read_text().splitlines()
@@ -133,10 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.set_defaults(run=_cmd_verify)
 
-    p = sub.add_parser("demo", help="run the built-in offline demo")
-    p.add_argument("--output", default="cptfast-demo", help="working directory (%(default)s)")
+    p = sub.add_parser("demo", help="the built-in offline demo (same as `cptfast train`)")
+    p.add_argument("--demo-output", default="cptfast-demo",
+                   help="working directory (%(default)s)")
+    p.add_argument("--quick-demo", action="store_true", help="a seconds-long demo (tests)")
+    p.set_defaults(run=_cmd_train, config=None, overrides=[], print_config=False)
+
+    p = sub.add_parser("data-demo", help="the data pipeline alone: corpus, tokenizer, shards")
+    p.add_argument("--output", default="cptfast-data-demo",
+                   help="working directory (%(default)s)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes")
-    p.set_defaults(run=_cmd_demo)
+    p.set_defaults(run=_cmd_data_demo)
     return parser
 
 

@@ -119,6 +119,6 @@ def test_ci_runs_the_readme_test_command():
 
 def test_demo_runs_offline(tmp_path, capsys):
     from cptfast.cli import main
-    assert main(["demo", "--output", str(tmp_path / "demo"), "--workers", "1"]) == 0
+    assert main(["data-demo", "--output", str(tmp_path / "demo"), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "800 documents" in out and "verified" in out and "<|eos|>" in out
