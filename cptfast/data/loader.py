@@ -319,6 +319,11 @@ class PackedLoader:
         self._state = (state["global_row"], list(state["rows"]), list(state["tokens"]))
         self._loader = self._start(self._state)
 
+    def max_token_ids(self) -> dict[str, int]:
+        """The largest token id in each source (a scan of the memory maps)."""
+        return {name: max(int(reader.max_token_id()) for reader in readers)
+                for name, readers in zip(self.source_names, self._readers)}
+
     def report(self) -> list[dict]:
         """Per source: rows and tokens taken so far, their share, and the current epoch."""
         global_row, rows, tokens = self._state

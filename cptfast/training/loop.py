@@ -72,7 +72,7 @@ def train(config: Config) -> TrainResult:
     _check_vocabulary(loader, model)
     tokens_per_micro_batch = config.data.seq_len * config.data.batch_size
     accumulation = max(1, config.optim.global_batch_tokens // tokens_per_micro_batch)
-    eval_sets = {name: _fixed_batches(path, config, device)
+    eval_sets = {name: _fixed_batches(name, path, config, model, device)
                  for name, path in config.data.eval.items()}
 
     # --- resume --------------------------------------------------------------------------------
@@ -174,12 +174,12 @@ def train(config: Config) -> TrainResult:
             os.kill(os.getpid(), 9)
 
     # --- the end -------------------------------------------------------------------------------
+    elapsed = time.perf_counter() - started  # the loop alone: training throughput
     if not evals or evals[-1]["step"] != step:
         evaluate(step)
     final = checkpoint.checkpoint_root(run_dir) / f"step-{step:08d}"
     if saved_step != step:
         final = save(step)
-    elapsed = time.perf_counter() - started
     log.close()
     return TrainResult(run_dir, final, step, tokens_seen, skipped, evals,
                        (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0, model)
@@ -217,7 +217,8 @@ def _load_model(path: Path, config: Config, device: torch.device):
     hf.accelerate(model, attention=config.model.attention, loss=config.model.loss,
                   rope=config.model.rope)
     if config.model.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        (enable or model.gradient_checkpointing_enable)()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -236,18 +237,18 @@ def _parameter_groups(model, weight_decay: float) -> list[dict]:
 
 def _check_vocabulary(loader: PackedLoader, model) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
-    for name, readers in zip(loader.source_names, loader._readers):
-        largest = max(int(reader.max_token_id()) for reader in readers)
+    for name, largest in loader.max_token_ids().items():
         if largest >= rows:
-            raise ValueError(f"source {name!r} holds token id {largest} but the model's "
+            raise ValueError(f"{name!r} holds token id {largest} but the model's "
                              f"embedding has {rows} rows; prepare the data with the model's "
                              "tokenizer (or resize the embeddings first)")
 
 
-def _fixed_batches(path: str, config: Config, device: torch.device) -> list:
+def _fixed_batches(name: str, path: str, config: Config, model, device: torch.device) -> list:
     """The same micro-batches of a held-out set at every evaluation."""
-    loader = PackedLoader({"eval": path}, config.data.seq_len, config.data.batch_size,
+    loader = PackedLoader({f"eval {name}": path}, config.data.seq_len, config.data.batch_size,
                           packing="concat", seed=1234, num_threads=0, device=device)
+    _check_vocabulary(loader, model)
     return [next(loader) for _ in range(config.eval.batches)]
 
 

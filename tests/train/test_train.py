@@ -221,3 +221,25 @@ def test_shortened_demo_runs(tmp_path):
     assert Path(numbers["final_checkpoint"]).is_dir() and numbers["sample"].startswith("def")
     again = run_demo(tmp_path, quick=True, workers=1, progress=False)  # cached inputs
     assert again["before"] == numbers["before"]
+
+
+def test_activation_checkpointing_gives_the_same_weights(setup, tmp_path):
+    plain = train(in_process_config(setup, tmp_path / "plain", "--train.steps=3",
+                                    "--checkpoint.every=0"))
+    recomputed = train(in_process_config(setup, tmp_path / "ckpt", "--train.steps=3",
+                                         "--checkpoint.every=0",
+                                         "--model.activation_checkpointing=true"))
+    assert recomputed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    for a, b in zip(plain.model.parameters(), recomputed.model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_pure_keeps_bf16_weights_and_optimizer_states(setup, tmp_path):
+    result = train(in_process_config(setup, tmp_path / "bf16", "--train.steps=4",
+                                     '--train.precision="bf16-pure"', "--checkpoint.every=0"))
+    weights = load_file(result.final_checkpoint / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    from cptfast.training.checkpoint import load_state
+    moments = load_state(result.final_checkpoint)["optimizer"]["state"]
+    assert {s["exp_avg"].dtype for s in moments.values()} == {torch.bfloat16}
+    assert result.evals[-1]["domain"] < result.evals[0]["domain"]
