@@ -59,6 +59,8 @@ def train(config: Config) -> TrainResult:
 
     # --- model, tokenizer, optimizer -----------------------------------------------------------
     model, tokenizer = _load_model(resume_from or Path(config.model.path), config, device)
+    if tokenizer is None:  # checkpoints carry a tokenizer: the one the shards were made with
+        tokenizer = _shard_tokenizer(config)
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
         betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
@@ -223,6 +225,16 @@ def _load_model(path: Path, config: Config, device: torch.device):
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def _shard_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+
+    for source in config.data.sources.values():
+        copy = Path(source.path) / "tokenizer"  # `cptfast prepare` keeps one
+        if copy.is_dir():
+            return AutoTokenizer.from_pretrained(copy)
+    return None
 
 
 def _parameter_groups(model, weight_decay: float) -> list[dict]:

@@ -243,3 +243,19 @@ def test_bf16_pure_keeps_bf16_weights_and_optimizer_states(setup, tmp_path):
     moments = load_state(result.final_checkpoint)["optimizer"]["state"]
     assert {s["exp_avg"].dtype for s in moments.values()} == {torch.bfloat16}
     assert result.evals[-1]["domain"] < result.evals[0]["domain"]
+
+
+def test_checkpoints_carry_the_shards_tokenizer_when_the_model_has_none(setup, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(setup / "base", bare, ignore=shutil.ignore_patterns("tokenizer*",
+                                                                        "special_tokens*"))
+    assert not (bare / "tokenizer.json").exists()
+    result = train(in_process_config(setup, tmp_path / "tok", f'--model.path="{bare}"',
+                                     "--train.steps=1", "--checkpoint.every=0"))
+    tokenizer = AutoTokenizer.from_pretrained(result.final_checkpoint)
+    shards = AutoTokenizer.from_pretrained(setup / "domain" / "tokenizer")
+    assert tokenizer("Zoë's café").input_ids == shards("Zoë's café").input_ids
