@@ -115,12 +115,14 @@ def family_of(model, **parts: bool) -> Family:
 
 def _accelerated_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                          past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                         logits_to_keep=0, return_logits: bool = False, **kwargs):
-    """The model's forward; in training with labels, the loss comes from the fused linear
-    cross-entropy and no logits are built (``return_logits=True`` builds them as usual)."""
+                         logits_to_keep=0, return_logits: bool | None = None, **kwargs):
+    """The model's forward; with labels in training, the loss comes from the fused linear
+    cross-entropy and no logits are built. ``return_logits=True`` builds them as usual;
+    ``return_logits=False`` skips them in eval too (a held-out loss without logits)."""
     shift_labels = kwargs.get("shift_labels")
-    fused = (self.training and (labels is not None or shift_labels is not None)
-             and not return_logits and isinstance(logits_to_keep, int) and logits_to_keep == 0)
+    fused = ((labels is not None or shift_labels is not None)
+             and isinstance(logits_to_keep, int) and logits_to_keep == 0
+             and (return_logits is False or (return_logits is None and self.training)))
     if not fused:
         return type(self).forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -86,6 +86,9 @@ class TrainSection:
     device: str = _help("auto (cuda when present) | cpu | cuda", "auto")
     deterministic: bool = _help("torch deterministic algorithms (exact resumption checks)",
                                 False)
+    parallel: str = _help("under torchrun: ddp | fsdp2 (per-layer fully_shard)", "ddp")
+    cpu_offload: bool = _help("fsdp2: keep parameters and optimizer states on the CPU", False)
+    timeout_s: int = _help("seconds a rank waits for the others before failing", 600)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class CheckpointConfig:
     every: int = _help("save every N steps (0: only at the end)", 500)
     keep: int = _help("keep the newest K checkpoints", 3)
     resume: str = _help("auto (newest complete checkpoint in output) | none | a path", "auto")
+    export: bool = _help("a Hugging Face export in every checkpoint (always in the last)", True)
 
 
 @dataclass
@@ -126,6 +130,7 @@ class Config:
         _one_of("schedule.decay_shape", self.schedule.decay_shape, DECAY_SHAPES)
         _one_of("data.packing", self.data.packing, ("concat", "bestfit"))
         _one_of("train.device", self.train.device, ("auto", "cpu", "cuda"))
+        _one_of("train.parallel", self.train.parallel, ("ddp", "fsdp2"))
         for key, value, low in (("train.steps", self.train.steps, 1),
                                 ("data.seq_len", self.data.seq_len, 2),
                                 ("data.batch_size", self.data.batch_size, 1),

@@ -6,11 +6,13 @@ optimizer step: gather the micro-batches of the step, run forward/backward with 
 normalised by the step's label count, clip, step (or skip a non-finite step), log, evaluate the
 held-out sets, checkpoint. Resuming restores weights, optimizer, schedule position, data
 position and RNG states, so a resumed run continues bit for bit (on the CPU with deterministic
-settings).
+settings), on any number of ranks: under torchrun each rank takes its share of one global
+data stream, gradients are reduced by DDP or FSDP2, and rank 0 writes the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -23,6 +25,7 @@ from cptfast import hf
 from cptfast.data.loader import PackedLoader
 from cptfast.training import checkpoint
 from cptfast.training.config import Config, to_dict
+from cptfast.training.distributed import Context, unwrap, wrap
 from cptfast.training.metrics import MetricsLog, model_flops_per_token, peak_flops, peak_memory
 from cptfast.training.schedule import lr_at
 
@@ -44,65 +47,76 @@ class TrainResult:
 
 
 def train(config: Config) -> TrainResult:
-    """Run (or resume) the training described by ``config``; returns a summary."""
+    """Run (or resume) the training described by ``config``; returns a summary. Under
+    torchrun every rank calls it; rank 0 writes the files."""
     from transformers.utils import logging as transformers_logging
 
     config.validate()
     transformers_logging.disable_progress_bar()  # per-save bars would drown our own
+    context, device = Context.start(config.train.device, config.train.timeout_s)
+    try:
+        return _train(config, context, device)
+    finally:
+        context.stop()
+
+
+def _train(config: Config, context: Context, device: torch.device) -> TrainResult:
     run_dir = Path(config.train.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = _device(config.train.device)
+    if context.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     resume_from = _resume_point(config, run_dir)
     torch.manual_seed(config.train.seed)
 
     # --- model, tokenizer, optimizer -----------------------------------------------------------
-    model, tokenizer = _load_model(resume_from or Path(config.model.path), config, device)
+    model, tokenizer = _load_model(Path(config.model.path), config, device)
     if tokenizer is None:  # checkpoints carry a tokenizer: the one the shards were made with
         tokenizer = _shard_tokenizer(config)
+    flops_per_token = model_flops_per_token(model, config.data.seq_len)
+    parallel = config.train.parallel
+    model = wrap(model, parallel, config.train.precision, context,
+                 cpu_offload=config.train.cpu_offload)
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
         betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
-        fused=device.type == "cuda")
+        fused=device.type == "cuda" and not config.train.cpu_offload)
 
-    # --- data ----------------------------------------------------------------------------------
+    # --- data: this rank's share of one global stream ------------------------------------------
     loader = PackedLoader({name: s.path for name, s in config.data.sources.items()},
                           config.data.seq_len, config.data.batch_size,
                           weights={name: s.weight for name, s in config.data.sources.items()},
-                          packing=config.data.packing, seed=config.data.seed, device=device)
-    _check_vocabulary(loader, model)
+                          packing=config.data.packing, seed=config.data.seed,
+                          rank=context.rank, world_size=context.world_size, device=device)
+    _check_vocabulary(loader, unwrap(model))
     tokens_per_micro_batch = config.data.seq_len * config.data.batch_size
-    accumulation = max(1, config.optim.global_batch_tokens // tokens_per_micro_batch)
-    eval_sets = {name: _fixed_batches(name, path, config, model, device)
+    accumulation = _accumulation(config, context.world_size)
+    eval_sets = {name: _fixed_batches(name, path, config, unwrap(model), device)
                  for name, path in config.data.eval.items()}
 
     # --- resume --------------------------------------------------------------------------------
     step, tokens_seen, skipped, nonfinite_in_a_row = 0, 0, 0, 0
     evals: list[dict] = []
     if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        state = checkpoint.load(resume_from, model, optimizer, context)
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
         step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
         evals = state["evals"]
-    log = MetricsLog(run_dir, resume_step=step, progress=config.logging.progress,
-                     tensorboard=config.logging.tensorboard, total_steps=config.train.steps)
-    flops_per_token, peak = model_flops_per_token(model, config.data.seq_len), peak_flops(device)
+    log = MetricsLog(run_dir, resume_step=step, enabled=context.main,
+                     progress=config.logging.progress, tensorboard=config.logging.tensorboard,
+                     total_steps=config.train.steps)
+    peak = peak_flops(device)
     kill_at = _test_kill_points()
 
-    def save(at_step: int) -> Path:
-        state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
-                 "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                 "rng": _rng_states(device), "evals": evals, "config": to_dict(config)}
-        return checkpoint.save(run_dir, at_step, model, tokenizer, state,
-                               keep=config.checkpoint.keep, kill_at=kill_at.get("checkpoint"))
+    def save(at_step: int, export: bool = config.checkpoint.export) -> Path:
+        meta = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
+                "loader": loader.state_dict(), "evals": evals, "config": to_dict(config)}
+        return checkpoint.save(run_dir, at_step, model, optimizer, tokenizer, meta, context,
+                               keep=config.checkpoint.keep, export=export,
+                               kill_at=kill_at.get("checkpoint"))
 
     def evaluate(at_step: int) -> None:
-        if eval_sets:
+        if eval_sets:  # every rank runs the same batches (FSDP2 needs all of them anyway)
             losses = {name: _eval_loss(model, batches, config)
                       for name, batches in eval_sets.items()}
             evals.append({"step": at_step, **losses})
@@ -118,7 +132,9 @@ def train(config: Config) -> TrainResult:
         step_start = time.perf_counter()
         batches = [next(loader) for _ in range(accumulation)]
         data_wait = time.perf_counter() - step_start
-        label_count = sum(int((b.labels != -100).sum()) for b in batches)
+        # The loss is the sum over every label of the step on every rank, divided by their
+        # count; data-parallel gradient reduction averages over ranks: hence the world size.
+        label_count = context.sum(sum(int((b.labels != -100).sum()) for b in batches), device)
         lr = lr_at(step, lr=config.optim.lr, steps=config.train.steps,
                    kind=config.schedule.kind, warmup_steps=config.schedule.warmup_steps,
                    min_lr_ratio=config.optim.min_lr_ratio,
@@ -129,18 +145,22 @@ def train(config: Config) -> TrainResult:
 
         model.train()
         loss = torch.zeros((), device=device)
-        for batch in batches:
-            with _autocast(config.train.precision, device):
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            with _gradient_sync(model, parallel, context, last), \
+                    _autocast(config.train.precision, device):
                 out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                             labels=batch.labels, shift_labels=batch.labels,
                             num_items_in_batch=max(label_count, 1),
                             cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
                             max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
-            out.loss.backward()
+                (out.loss * context.world_size).backward()
             loss += out.loss.detach().float()
         clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        loss_value, grad_norm_value = float(loss), float(grad_norm)
+        loss_value = context.sum(float(loss), device)
+        grad_norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                else grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
         if finite:
             optimizer.step()
@@ -150,18 +170,20 @@ def train(config: Config) -> TrainResult:
             nonfinite_in_a_row += 1
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += tokens_per_micro_batch * accumulation
+        step_tokens = tokens_per_micro_batch * accumulation * context.world_size
+        tokens_seen += step_tokens
 
         seconds = time.perf_counter() - step_start
-        tokens_per_s = tokens_per_micro_batch * accumulation / seconds
+        tokens_per_s = step_tokens / seconds
         log.step(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
                         "tokens": tokens_seen, "tokens_per_s": tokens_per_s,
-                        "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+                        "mfu": flops_per_token * tokens_per_s / (peak * context.world_size)
+                        if peak else None,
                         "data_wait_frac": data_wait / seconds, "skipped_steps": skipped,
                         "memory_bytes": peak_memory(device)},
                  write=step % config.logging.every == 0 or not finite)
         if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
-            path = save(step)
+            path = save(step, export=True)
             log.close()
             raise NonFiniteLossError(
                 f"{nonfinite_in_a_row} non-finite losses in a row (last at step {step}); the "
@@ -170,7 +192,7 @@ def train(config: Config) -> TrainResult:
         if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
             evaluate(step)
         if config.checkpoint.every and step % config.checkpoint.every == 0:
-            save(step)
+            save(step, export=config.checkpoint.export or step == config.train.steps)
             saved_step = step
         if kill_at.get("step") == step:
             os.kill(os.getpid(), 9)
@@ -181,18 +203,43 @@ def train(config: Config) -> TrainResult:
         evaluate(step)
     final = checkpoint.checkpoint_root(run_dir) / f"step-{step:08d}"
     if saved_step != step:
-        final = save(step)
+        final = save(step, export=True)
     log.close()
     return TrainResult(run_dir, final, step, tokens_seen, skipped, evals,
-                       (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0, model)
+                       (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
+                       unwrap(model))
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = \"cuda\" but no CUDA device is available")
-    return torch.device(choice)
+def _accumulation(config: Config, world_size: int) -> int:
+    """Micro-batches per rank per step, so that a step is global_batch_tokens on any number
+    of ranks."""
+    per_step = config.data.seq_len * config.data.batch_size * world_size
+    if config.optim.global_batch_tokens == 0:
+        return 1
+    if config.optim.global_batch_tokens % per_step:
+        raise ValueError(
+            f"optim.global_batch_tokens = {config.optim.global_batch_tokens} is not a multiple "
+            f"of seq_len x batch_size x ranks = {config.data.seq_len} x "
+            f"{config.data.batch_size} x {world_size} = {per_step}")
+    return config.optim.global_batch_tokens // per_step
+
+
+def _gradient_sync(model, parallel: str, context: Context, last_micro_batch: bool):
+    """Reduce gradients across ranks only after the step's last micro-batch."""
+    if not context.distributed or last_micro_batch:
+        return contextlib.nullcontext()
+    if parallel == "ddp":
+        return model.no_sync()
+    return _fsdp_no_sync(model)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _resume_point(config: Config, run_dir: Path) -> Path | None:
@@ -266,16 +313,17 @@ def _fixed_batches(name: str, path: str, config: Config, model, device: torch.de
 
 @torch.no_grad()
 def _eval_loss(model, batches, config: Config) -> float:
-    """Mean next-token loss over the held-out batches (no logits are built)."""
+    """Mean next-token loss over the held-out batches (fused: no logits are built)."""
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
         with _autocast(config.train.precision, batch.input_ids.device):
-            hidden = model.get_decoder()(
-                input_ids=batch.input_ids, position_ids=batch.position_ids,
-                cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-                max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
-            total += float(hf.lm_loss(model, hidden, batch.labels, reduction="sum"))
+            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                        labels=batch.labels, shift_labels=batch.labels, num_items_in_batch=1,
+                        return_logits=False, cu_seq_lens_q=batch.cu_seqlens,
+                        cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen,
+                        max_length_k=batch.max_seqlen)
+        total += float(out.loss)  # a sum: num_items_in_batch = 1
         count += int((batch.labels != -100).sum())
     model.train()
     return total / max(count, 1)
@@ -284,13 +332,6 @@ def _eval_loss(model, batches, config: Config) -> float:
 def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16,
                           enabled=precision == "bf16-mixed" and device.type == "cuda")
-
-
-def _rng_states(device: torch.device) -> dict:
-    states = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
 
 
 def _test_kill_points() -> dict:

@@ -17,17 +17,20 @@ _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, resume_step: int, progress: bool, tensorboard: bool,
-                 total_steps: int):
+    """Writes nothing unless ``enabled`` (rank 0 of a distributed run)."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int, enabled: bool, progress: bool,
+                 tensorboard: bool, total_steps: int):
+        self.file = self.bar = self.board = None
+        if not enabled:
+            return
         self.path = run_dir / "metrics.jsonl"
         _truncate_after(self.path, resume_step)  # lines a killed run wrote past its checkpoint
         self.file = self.path.open("a")
-        self.bar = None
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=resume_step, unit="step",
                             dynamic_ncols=True, leave=False)
-        self.board = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -36,6 +39,8 @@ class MetricsLog:
                 self.board = None
 
     def step(self, step: int, values: dict, *, write: bool = True) -> None:
+        if self.file is None:
+            return
         if write:
             self._write({"step": step, **values})
             if self.board is not None:
@@ -48,6 +53,8 @@ class MetricsLog:
                                  tok_s=f"{values['tokens_per_s']:,.0f}", refresh=False)
 
     def eval(self, step: int, losses: dict[str, float]) -> None:
+        if self.file is None:
+            return
         entry = {"step": step, "eval": {name: {"loss": loss, "perplexity": _perplexity(loss)}
                                         for name, loss in losses.items()}}
         self._write(entry)
@@ -64,7 +71,9 @@ class MetricsLog:
             self.bar.close()
         if self.board is not None:
             self.board.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _perplexity(loss: float) -> float:

@@ -237,3 +237,14 @@ def test_parts_can_be_left_out():
     assert "forward" not in vars(fast) and fast.config._attn_implementation == "cptfast"
     assert relative_error(fast(input_ids=ids, labels=ids).loss,
                           stock(input_ids=ids, labels=ids).loss) < 1e-6
+
+
+def test_eval_loss_without_logits_when_asked():
+    stock, fast = make_pair("gemma3_text")
+    stock.eval()
+    fast.eval()
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = stock(input_ids=ids, labels=ids)
+        got = fast(input_ids=ids, labels=ids, return_logits=False)
+    assert got.logits is None and relative_error(got.loss, want.loss) < 1e-6

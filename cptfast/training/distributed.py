@@ -1,0 +1,109 @@
+"""Running on more than one process with torch.distributed (never a launcher of our own):
+`torchrun --nproc_per_node=N -m cptfast train CONFIG.toml` sets the environment this reads.
+
+- `Context.start()`: one process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1, with
+  a timeout, so that a rank whose peer died fails with a message instead of hanging.
+- `wrap(model)`: DDP, or FSDP2 (`fully_shard` on every decoder layer, then the root) with a
+  mixed-precision policy matching the precision mode and optional CPU offload.
+- small reductions for metrics, and the rank-0-only rule for files and the progress bar.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, device_choice: str, timeout_s: int) -> tuple[Context, torch.device]:
+        """Join the process group torchrun describes (or run alone); returns the context and
+        this rank's device."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_choice == "cuda" or (device_choice == "auto"
+                                               and torch.cuda.is_available())
+        if device_choice == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device = \"cuda\" but no CUDA device is available")
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(rank, world_size, local_rank), device
+
+    def stop(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sum(self, value: float | int, device: torch.device) -> float:
+        """The sum over ranks of a number (one all-reduce)."""
+        if not self.distributed:
+            return value
+        total = torch.tensor(float(value), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return total.item()
+
+    def gather(self, item) -> list:
+        """Every rank's ``item`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [item]
+        items = [None] * self.world_size
+        dist.all_gather_object(items, item)
+        return items
+
+
+def wrap(model, parallel: str, precision: str, context: Context, *, cpu_offload: bool = False):
+    """The model ready for data-parallel training on ``context`` (unchanged when alone)."""
+    if not context.distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        device_ids = [context.local_rank] if next(model.parameters()).is_cuda else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options = {}
+    if precision == "bf16-mixed":  # fp32 master weights, bf16 compute, fp32 gradient reduce
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def decoder_layers(model) -> list:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard with FSDP2")
+    return list(layers)
+
+
+def unwrap(model):
+    """The transformers model inside a DDP wrapper (FSDP2 shards in place: no wrapper)."""
+    return getattr(model, "module", model)
