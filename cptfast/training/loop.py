@@ -106,7 +106,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
                      progress=config.logging.progress, tensorboard=config.logging.tensorboard,
                      total_steps=config.train.steps)
     peak = peak_flops(device)
-    kill_at = _test_kill_points()
+    kill_at = _test_kill_points(context.rank)
 
     def save(at_step: int, export: bool = config.checkpoint.export) -> Path:
         meta = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
@@ -334,11 +334,12 @@ def _autocast(precision: str, device: torch.device):
                           enabled=precision == "bf16-mixed" and device.type == "cuda")
 
 
-def _test_kill_points() -> dict:
-    """CPTFAST_TEST_KILL=step:N or checkpoint:N: SIGKILL after step N or half-way through
-    writing checkpoint N (used by the resumption tests)."""
-    spec = os.environ.get("CPTFAST_TEST_KILL", "")
-    if not spec:
+def _test_kill_points(rank: int) -> dict:
+    """CPTFAST_TEST_KILL=step:N or checkpoint:N (optionally ,rank:R): SIGKILL after step N or
+    half-way through writing checkpoint N, on every rank or only on rank R (used by the
+    resumption and failure tests)."""
+    spec = dict(part.split(":") for part in os.environ.get("CPTFAST_TEST_KILL", "").split(",")
+                if part)
+    if "rank" in spec and int(spec.pop("rank")) != rank:
         return {}
-    kind, _, number = spec.partition(":")
-    return {kind: int(number)}
+    return {kind: int(number) for kind, number in spec.items()}

@@ -1,0 +1,152 @@
+"""Training on 2 ranks (real processes through torchrun, gloo on the CPU): DDP and FSDP2 follow
+the 1-rank run with the same global batch, checkpoints move between world sizes, the
+consolidated export loads in transformers, and a dead rank stops the run instead of hanging."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STEPS = 6
+
+
+def config_text(setup: Path, run_dir: Path, parallel: str) -> str:
+    # 32 tokens x 2 rows per micro-batch; 128 tokens per step: 2 micro-batches on 1 rank,
+    # 1 on each of 2 ranks.
+    return f"""
+[model]
+path = "{setup / 'base'}"
+[data]
+seq_len = 32
+batch_size = 2
+[data.sources.domain]
+path = "{setup / 'domain'}"
+weight = 0.75
+[data.sources.general]
+path = "{setup / 'general'}"
+weight = 0.25
+[optim]
+lr = 1e-2
+global_batch_tokens = 128
+[schedule]
+warmup_steps = 2
+[train]
+steps = {STEPS}
+output = "{run_dir}"
+precision = "fp32"
+parallel = "{parallel}"
+timeout_s = 60
+[checkpoint]
+every = 3
+[eval]
+every = 0
+[logging]
+progress = false
+tensorboard = false
+"""
+
+
+def run(setup, run_dir: Path, ranks: int, parallel: str = "ddp", kill: str = "",
+        timeout: int = 240) -> subprocess.CompletedProcess:
+    config = run_dir.parent / f"{run_dir.name}-{ranks}-{parallel}.toml"
+    config.write_text(config_text(setup, run_dir, parallel))
+    env = {**os.environ, "CPTFAST_TEST_KILL": kill, "OMP_NUM_THREADS": "1"}
+    if ranks == 1:
+        command = [sys.executable, "-m", "cptfast", "train", str(config)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                   "--master_port", str(29500 + os.getpid() % 1000), "-m", "cptfast", "train",
+                   str(config)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [e[key] for e in entries if "loss" in e]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+
+
+def assert_close_weights(got: dict, want: dict):
+    """Equal up to the summation order of the gradient reduction (which Adam's normalisation
+    amplifies for elements with near-zero gradients): relative to each tensor's scale."""
+    assert got.keys() == want.keys()
+    for name in want:
+        error = (got[name] - want[name]).abs().max() / want[name].abs().max()
+        assert error < 1e-4, (name, float(error))
+
+
+@pytest.fixture(scope="module")
+def one_rank(setup, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dist") / "one"
+    done = run(setup, run_dir, 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_ranks_follow_one_rank(setup, one_rank, tmp_path, parallel):
+    run_dir = tmp_path / parallel
+    done = run(setup, run_dir, 2, parallel)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(run_dir) == pytest.approx(losses(one_rank), rel=1e-5)
+    # The gradient itself, not only its direction (Adam would hide a scale error).
+    assert losses(run_dir, "grad_norm") == pytest.approx(losses(one_rank, "grad_norm"), rel=1e-4)
+    assert_close_weights(final_weights(run_dir), final_weights(one_rank))
+    if parallel == "fsdp2":  # the consolidated export loads in transformers
+        from transformers import AutoModelForCausalLM
+        loaded = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" /
+                                                      f"step-{STEPS:08d}").eval()
+        reference = AutoModelForCausalLM.from_pretrained(one_rank / "checkpoints" /
+                                                         f"step-{STEPS:08d}").eval()
+        ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, reference(ids).logits,
+                                       rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("before,after", [((2, "ddp"), (1, "ddp")), ((1, "ddp"), (2, "fsdp2"))])
+def test_a_checkpoint_resumes_on_another_world_size(setup, one_rank, tmp_path, before,
+                                                    after):
+    run_dir = tmp_path / "moved"
+    killed = run(setup, run_dir, *before, kill="step:4")  # the last checkpoint is step 3
+    assert killed.returncode != 0
+    assert (run_dir / "checkpoints" / "step-00000003").is_dir()
+    resumed = run(setup, run_dir, *after)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(run_dir) == pytest.approx(losses(one_rank), rel=1e-5)
+    assert_close_weights(final_weights(run_dir), final_weights(one_rank))
+
+
+def test_ranks_share_one_global_stream(setup):
+    from cptfast.data import PackedLoader
+
+    sources = {"domain": setup / "domain", "general": setup / "general"}
+    alone = PackedLoader(sources, 32, 4, seed=3, num_threads=0)
+    pair = [PackedLoader(sources, 32, 2, seed=3, rank=r, world_size=2, num_threads=0)
+            for r in range(2)]
+    for _ in range(3):
+        want = next(alone)
+        got = [next(loader) for loader in pair]
+        rows = torch.cat([b.global_rows for b in got])
+        assert set(got[0].global_rows.tolist()).isdisjoint(got[1].global_rows.tolist())
+        assert sorted(rows.tolist()) == sorted(want.global_rows.tolist())
+        order = rows.argsort()
+        stacked = torch.cat([b.input_ids for b in got])[order]
+        assert torch.equal(stacked, want.input_ids[want.global_rows.argsort()])
+
+
+def test_a_dead_rank_stops_the_run(setup, tmp_path):
+    started = time.monotonic()
+    done = run(setup, tmp_path / "dead", 2, kill="step:2,rank:1", timeout=180)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 150
+    assert "Signal 9" in done.stderr or "SIGKILL" in done.stderr or "exitcode" in done.stderr
