@@ -20,11 +20,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from conftest import SCALE, record_ratio
+from conftest import SCALE, TRAIN_SEQ_LEN as SEQ_LEN, record_ratio
 
-VOCAB, SEQ_LEN, ROWS = 32_000, 1024, 4
+ROWS = 4
 STEPS, WARMUP = max(4, int(16 * SCALE)), 2
 
 _RUN_ONE = r"""
@@ -84,42 +83,6 @@ print(json.dumps({"seconds": seconds, "useful_tokens": useful, "peak_bytes": pea
 """
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """The corpus as token ids (JSON lines), the same corpus as a shard directory, and the
-    initial model, shared by every variant."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from cptfast.data import prepare
-
-    root = tmp_path_factory.mktemp("train_bench")
-    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<unk>": VOCAB - 2, "<eos>": VOCAB - 1}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
-                                        eos_token="<eos>", pad_token="<eos>")
-    tokenizer.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(5.3, 0.8, int(3000 * max(SCALE, 0.2))), 8, SEQ_LEN - 1)
-    texts = [" ".join(f"w{t}" for t in rng.integers(0, VOCAB - 2, int(n))) for n in lengths]
-    (root / "corpus.txt").write_text("\n".join(texts))
-    prepare([root / "corpus.txt"], root / "shards", root / "model", split_lines=True,
-            progress=False)
-    with open(root / "corpus.jsonl", "w") as f:  # what prepare made of it, EOS appended
-        for text in texts:
-            f.write(json.dumps({"ids": tokenizer(text).input_ids + [VOCAB - 1]}) + "\n")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4 * SEQ_LEN,
-        eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
-    return root
-
-
 def run_variant(variant: str, root) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", _RUN_ONE, variant, str(root / "corpus.jsonl"),
@@ -129,10 +92,10 @@ def run_variant(variant: str, root) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_end_to_end_training_cpu(benchmark, inputs):
-    flattening = run_variant("flattening", inputs)
-    padding = run_variant("padding", inputs)
-    ours = benchmark.pedantic(lambda: run_variant("cptfast", inputs), rounds=1, iterations=1)
+def test_end_to_end_training_cpu(benchmark, train_inputs):
+    flattening = run_variant("flattening", train_inputs)
+    padding = run_variant("padding", train_inputs)
+    ours = benchmark.pedantic(lambda: run_variant("cptfast", train_inputs), rounds=1, iterations=1)
     rate = {name: r["useful_tokens"] / r["seconds"]
             for name, r in (("ours", ours), ("flattening", flattening), ("padding", padding))}
     benchmark.extra_info.update(ours=ours, flattening=flattening, padding=padding)

@@ -4,11 +4,14 @@ Run: `python -m pytest bench/ --benchmark-only`. Sizes scale with CPTFAST_BENCH_
 (default 1.0; the acceptance numbers in the issues are quoted at 1.0).
 """
 
+import json
 import os
 
+import numpy as np
 import pytest
 
 SCALE = float(os.environ.get("CPTFAST_BENCH_SCALE", "1.0"))
+TRAIN_VOCAB, TRAIN_SEQ_LEN = 32_000, 1024  # the training benchmarks' corpus and rows
 _RATIOS: list[tuple[str, str, float, str]] = []
 _METRICS: list[tuple[str, str, str]] = []
 
@@ -42,3 +45,43 @@ def bench_tokenizer(tmp_path_factory):
     rng = random.Random(0)
     texts = [domain_document(rng) for _ in range(300)] + [general_document(rng) for _ in range(300)]
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"), texts, vocab_size=2048)
+
+
+@pytest.fixture(scope="session")
+def train_inputs(tmp_path_factory):
+    """For the training benchmarks: a corpus of lognormal-length documents over a 32,000-word
+    vocabulary (a word-level tokenizer), as token ids (JSON lines) and as a shard directory,
+    and a Llama-shaped initial model (hidden 256, 4 layers, 8 / 4 heads)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cptfast.data import prepare
+
+    root = tmp_path_factory.mktemp("train_bench")
+    vocab = {f"w{i}": i for i in range(TRAIN_VOCAB - 2)}
+    vocab |= {"<unk>": TRAIN_VOCAB - 2, "<eos>": TRAIN_VOCAB - 1}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                                        eos_token="<eos>", pad_token="<eos>")
+    tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(5.3, 0.8, int(3000 * max(SCALE, 0.2))), 8,
+                      TRAIN_SEQ_LEN - 1)
+    texts = [" ".join(f"w{t}" for t in rng.integers(0, TRAIN_VOCAB - 2, int(n)))
+             for n in lengths]
+    (root / "corpus.txt").write_text("\n".join(texts))
+    prepare([root / "corpus.txt"], root / "shards", root / "model", split_lines=True,
+            progress=False)
+    with open(root / "corpus.jsonl", "w") as f:  # what prepare made of it, EOS appended
+        for text in texts:
+            f.write(json.dumps({"ids": tokenizer(text).input_ids + [TRAIN_VOCAB - 1]}) + "\n")
+    config = transformers.LlamaConfig(
+        vocab_size=TRAIN_VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4 * TRAIN_SEQ_LEN,
+        eos_token_id=TRAIN_VOCAB - 1, pad_token_id=TRAIN_VOCAB - 1)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+    return root
