@@ -319,6 +319,22 @@ class PackedLoader:
         self._state = (state["global_row"], list(state["rows"]), list(state["tokens"]))
         self._loader = self._start(self._state)
 
+    def set_weights(self, weights) -> None:
+        """Change the mixture from the next batch on (a new phase of the run, e.g. domain
+        upsampling at the end): each source continues from its current row, and the blend
+        counts tokens afresh, so the new weights hold from this row on. Deterministic: every
+        rank switching after the same batch switches at the same global row."""
+        self.weights = self._weights(weights)
+        global_row, rows, _ = self._state
+        self._loader = None  # stop the old threads before starting new ones
+        self._state = (global_row, list(rows), [0] * len(rows))
+        self._loader = self._start(self._state)
+
+    def source_tokens(self) -> dict[str, int]:
+        """Tokens in each source (one epoch)."""
+        return {name: int(source.num_tokens)
+                for name, source in zip(self.source_names, self._sources)}
+
     def max_token_ids(self) -> dict[str, int]:
         """The largest token id in each source (a scan of the memory maps)."""
         return {name: max(int(reader.max_token_id()) for reader in readers)

@@ -41,11 +41,21 @@ class SourceConfig:
 
 
 @dataclass
+class PhaseConfig:
+    at: float = _help("fraction of the run where the phase starts, in (0, 1)", 0.5)
+    weights: dict[str, float] = _help("source weights from then on (unnamed sources: 0)",
+                                      factory=dict)
+
+
+@dataclass
 class DataConfig:
     sources: dict[str, SourceConfig] = _help(
         "training sources: [data.sources.NAME] tables with path and weight", factory=dict)
     eval: dict[str, str] = _help(
         "held-out sets by name, NAME = shard directory (e.g. domain, general)", factory=dict)
+    phases: list[PhaseConfig] = _help(
+        "mixture phases: [[data.phases]] tables with at and weights, e.g. domain upsampling "
+        "for the final 15 %", factory=list)
     seq_len: int = _help("tokens per packed row", 2048)
     batch_size: int = _help("rows per micro-batch on each rank", 8)
     packing: str = _help("concat (no padding) or bestfit (no document split)", "concat")
@@ -148,6 +158,19 @@ class Config:
             raise ValueError("model.path is required: a local Hugging Face model directory")
         if not self.data.sources:
             raise ValueError("data.sources is empty: add [data.sources.NAME] with a path")
+        previous = 0.0
+        for index, phase in enumerate(self.data.phases):
+            if not previous < phase.at < 1:
+                raise ValueError(f"data.phases[{index}].at must lie in (0, 1) and increase, "
+                                 f"got {phase.at}")
+            previous = phase.at
+            unknown = set(phase.weights) - set(self.data.sources)
+            if unknown:
+                raise ValueError(f"data.phases[{index}].weights names unknown sources "
+                                 f"{sorted(unknown)}; sources are {sorted(self.data.sources)}")
+            if not all(w >= 0 for w in phase.weights.values()) or not sum(
+                    phase.weights.values()) > 0:
+                raise ValueError(f"data.phases[{index}].weights must be >= 0 with a positive sum")
         for name, source in self.data.sources.items():
             if not source.path:
                 raise ValueError(f"data.sources.{name}.path is required")
@@ -197,6 +220,15 @@ def _convert(annotation: str, value: Any, path: str):
             raise ValueError(f"{path} must be a table of [{path}.NAME] tables")
         return {name: _build(SourceConfig, table, f"{path}.{name}")
                 for name, table in value.items()}
+    if annotation == "list[PhaseConfig]":
+        if not isinstance(value, list):
+            raise ValueError(f"{path} must be an array of [[{path}]] tables")
+        return [_build(PhaseConfig, table, f"{path}[{i}]") for i, table in enumerate(value)]
+    if annotation == "dict[str, float]":
+        if not isinstance(value, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+            raise ValueError(f"{path} must be a table of NAME = number")
+        return {name: float(v) for name, v in value.items()}
     if annotation == "dict[str, str]":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ValueError(f"{path} must be a table of NAME = \"shard directory\"")
@@ -267,6 +299,7 @@ def describe() -> str:
         lines.append("")
     lines.append("# [data.sources.NAME]: path = \"shard directory\", weight = 1.0 (one table per "
                  "source)")
+    lines.append("# [[data.phases]]: at = 0.85, weights = { domain = 0.9, general = 0.1 }")
     return "\n".join(lines)
 
 
@@ -277,4 +310,6 @@ def _toml_value(value) -> str:
         return f'"{value}"'
     if isinstance(value, dict):
         return "{}"
+    if isinstance(value, list):
+        return "[]"
     return repr(value)

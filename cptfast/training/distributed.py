@@ -23,6 +23,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # we created the process group (so we destroy it)
 
     @property
     def distributed(self) -> bool:
@@ -45,13 +46,14 @@ class Context:
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-        if world_size > 1 and not dist.is_initialized():
+        owns_group = world_size > 1 and not dist.is_initialized()
+        if owns_group:
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(rank, world_size, local_rank), device
+        return cls(rank, world_size, local_rank, owns_group), device
 
     def stop(self) -> None:
-        if self.distributed and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     def barrier(self) -> None:

@@ -1,7 +1,7 @@
 """`cptfast.train(config)`: continued pretraining of a Hugging Face causal LM on token shards.
 
-One function, top to bottom: load the model (from the base checkpoint, or from the newest
-checkpoint of the run when resuming), accelerate it, build the packed loader, then for each
+One function, top to bottom: load the base model, accelerate and wrap it, build the packed
+loader, restore the newest checkpoint of the run if there is one, then for each
 optimizer step: gather the micro-batches of the step, run forward/backward with the loss
 normalised by the step's label count, clip, step (or skip a non-finite step), log, evaluate the
 held-out sets, checkpoint. Resuming restores weights, optimizer, schedule position, data
@@ -13,6 +13,7 @@ data stream, gradients are reduced by DDP or FSDP2, and rank 0 writes the files.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -23,7 +24,7 @@ import torch
 
 from cptfast import hf
 from cptfast.data.loader import PackedLoader
-from cptfast.training import checkpoint
+from cptfast.training import checkpoint, recipes
 from cptfast.training.config import Config, to_dict
 from cptfast.training.distributed import Context, unwrap, wrap
 from cptfast.training.metrics import MetricsLog, model_flops_per_token, peak_flops, peak_memory
@@ -67,6 +68,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     resume_from = _resume_point(config, run_dir)
+    resume_step = checkpoint.load_state(resume_from)["step"] if resume_from else 0
     torch.manual_seed(config.train.seed)
 
     # --- model, tokenizer, optimizer -----------------------------------------------------------
@@ -85,12 +87,18 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     # --- data: this rank's share of one global stream ------------------------------------------
     loader = PackedLoader({name: s.path for name, s in config.data.sources.items()},
                           config.data.seq_len, config.data.batch_size,
-                          weights={name: s.weight for name, s in config.data.sources.items()},
+                          weights=recipes.weights_at(config, resume_step),
                           packing=config.data.packing, seed=config.data.seed,
                           rank=context.rank, world_size=context.world_size, device=device)
     _check_vocabulary(loader, unwrap(model))
     tokens_per_micro_batch = config.data.seq_len * config.data.batch_size
     accumulation = _accumulation(config, context.world_size)
+    if context.main:  # the replay plan: tokens and epochs of each source over the whole run
+        plan = recipes.mixture_plan(config, loader.source_tokens(),
+                                    tokens_per_micro_batch * accumulation * context.world_size)
+        (run_dir / "mixture_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        if config.logging.progress:
+            print(recipes.format_plan(plan))
     eval_sets = {name: _fixed_batches(name, path, config, unwrap(model), device)
                  for name, path in config.data.eval.items()}
 
@@ -130,6 +138,9 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     # --- the loop ------------------------------------------------------------------------------
     while step < config.train.steps:
         step_start = time.perf_counter()
+        phase = recipes.phase_starting_at(config, step)
+        if phase is not None:  # a new mixture from this global row on
+            loader.set_weights(phase)
         batches = [next(loader) for _ in range(accumulation)]
         data_wait = time.perf_counter() - step_start
         # The loss is the sum over every label of the step on every rank, divided by their

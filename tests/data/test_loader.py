@@ -318,3 +318,27 @@ def test_unwritable_index_cache_is_refused(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match="index_cache=False"):
         PackedLoader(sources, 8, 1, index_cache=blocker / "sub")
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_a_new_mixture_phase_starts_at_the_exact_row_and_resumes(tmp_path, packing):
+    sources = write_sources(tmp_path, [documents(8, 80, 40), documents(9, 80, 40)])
+    options = dict(packing=packing, seed=5, window=10)
+    loader = PackedLoader(sources, 16, 4, weights=[1, 1], num_threads=2, **options)
+    before = [next(loader) for _ in range(6)]
+    assert {0, 1} <= set(torch.cat([b.sources for b in before]).tolist())  # a real mix
+    rows_before = [entry["rows"] for entry in loader.report()]
+    loader.set_weights([1, 0])  # e.g. only the domain source for the end of the run
+    after = [next(loader) for _ in range(5)]
+    assert after[0].global_rows[0] == 6 * 4  # the very next global row
+    assert set(torch.cat([b.sources for b in after]).tolist()) == {0}
+    # Source 0 continues from its own row (nothing replayed, nothing skipped).
+    assert loader.report()[0]["rows"] == rows_before[0] + 5 * 4
+    assert loader.report()[1]["rows"] == rows_before[1]
+    # Resuming inside the new phase (a loader built with the phase's weights) continues it.
+    state = loader.state_dict()
+    expected = [next(loader).input_ids for _ in range(3)]
+    resumed = PackedLoader(sources, 16, 4, weights=[1, 0], num_threads=0, **options)
+    resumed.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(next(resumed).input_ids, want)

@@ -16,7 +16,7 @@ from cptfast.training import NonFiniteLossError, load, train
 from cptfast.training import loop as training_loop
 
 
-def toml(setup: Path, run_dir: Path) -> str:
+def toml(setup: Path, run_dir: Path, extra: str = "") -> str:
     return f"""
 [model]
 path = "{setup / 'base'}"
@@ -50,12 +50,13 @@ batches = 2
 [logging]
 progress = false
 tensorboard = false
-"""
+""" + extra
 
 
-def run_cli(setup: Path, run_dir: Path, kill: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(setup: Path, run_dir: Path, kill: str | None = None,
+            extra: str = "") -> subprocess.CompletedProcess:
     config = run_dir.parent / f"{run_dir.name}.toml"
-    config.write_text(toml(setup, run_dir))
+    config.write_text(toml(setup, run_dir, extra))
     env = {**os.environ, "CPTFAST_TEST_KILL": kill or ""}
     return subprocess.run([sys.executable, "-m", "cptfast", "train", str(config)], env=env,
                           capture_output=True, text=True, timeout=300)

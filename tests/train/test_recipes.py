@@ -1,0 +1,86 @@
+"""Recipes: mixture phases (domain upsampling at the end) and the replay plan."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cptfast.training import config as train_config
+from cptfast.training import recipes, train
+from test_train import in_process_config, run_cli
+
+PHASES = """
+[[data.phases]]
+at = 0.5
+[data.phases.weights]
+domain = 1.0
+"""
+
+
+def test_mixture_plan_by_hand():
+    config = train_config.from_dict({
+        "model": {"path": "m"}, "train": {"steps": 100},
+        "data": {"sources": {"domain": {"path": "d", "weight": 0.5},
+                             "general": {"path": "g", "weight": 0.5}},
+                 "phases": [{"at": 0.85, "weights": {"domain": 0.9, "general": 0.1}}]}})
+    config.validate()
+    assert recipes.weights_at(config, 84) == {"domain": 0.5, "general": 0.5}
+    assert recipes.weights_at(config, 85) == {"domain": 0.9, "general": 0.1}
+    assert recipes.phase_starting_at(config, 85) == {"domain": 0.9, "general": 0.1}
+    assert recipes.phase_starting_at(config, 0) is None
+    plan = {row["source"]: row for row in recipes.mixture_plan(
+        config, {"domain": 10_000, "general": 1_000_000}, tokens_per_step=1000)}
+    # domain: 85 steps x 1000 x 0.5 + 15 steps x 1000 x 0.9 = 42,500 + 13,500
+    assert plan["domain"]["tokens"] == 56_000 and plan["domain"]["epochs"] == pytest.approx(5.6)
+    assert plan["general"]["tokens"] == 44_000
+    assert plan["general"]["epochs"] == pytest.approx(0.044)
+    assert plan["domain"]["share"] == pytest.approx(0.56)
+    assert "repeats" in recipes.format_plan(list(plan.values()))
+
+
+@pytest.mark.parametrize("phases,message", [
+    ([{"at": 1.2, "weights": {"domain": 1.0}}], r"at must lie in \(0, 1\)"),
+    ([{"at": 0.6, "weights": {"domain": 1.0}}, {"at": 0.5, "weights": {"domain": 1.0}}],
+     "increase"),
+    ([{"at": 0.5, "weights": {"legal": 1.0}}], "unknown sources"),
+    ([{"at": 0.5, "weights": {"domain": 0.0}}], "positive sum"),
+    ([{"at": 0.5, "wieghts": {"domain": 1.0}}], r"did you mean data.phases\[0\].weights"),
+])
+def test_bad_phases_are_named(phases, message):
+    table = {"model": {"path": "m"},
+             "data": {"sources": {"domain": {"path": "d"}}, "phases": phases}}
+    with pytest.raises(ValueError, match=message):
+        train_config.from_dict(table).validate()
+
+
+def test_the_switch_happens_at_the_phase_boundary_row(setup, tmp_path, monkeypatch):
+    from cptfast.data.loader import PackedLoader
+
+    switches = []
+    real = PackedLoader.set_weights
+
+    def recording(self, weights):
+        switches.append((self.state_dict()["global_row"], dict(zip(self.source_names,
+                                                                   self._weights(weights)))))
+        return real(self, weights)
+
+    monkeypatch.setattr(PackedLoader, "set_weights", recording)
+    config = in_process_config(setup, tmp_path / "phased")
+    config.data.phases = train_config.from_dict(
+        {"data": {"phases": [{"at": 0.5, "weights": {"domain": 1.0}}]}}).data.phases
+    result = train(config.validate())
+    # 8 steps, boundary at step 4: after 4 steps x 2 micro-batches x 2 rows = global row 16
+    assert switches == [(16, {"domain": 1.0, "general": 0.0})]
+    assert (result.run_dir / "mixture_plan.json").is_file()
+
+
+@pytest.mark.parametrize("kill_step", [3, 5])
+def test_resuming_across_and_after_a_phase_boundary_is_exact(setup, tmp_path, kill_step):
+    straight = run_cli(setup, tmp_path / "straight", extra=PHASES)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run_cli(setup, tmp_path / "killed", kill=f"step:{kill_step}", extra=PHASES)
+    assert killed.returncode == -9
+    resumed = run_cli(setup, tmp_path / "killed", extra=PHASES)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = "checkpoints/step-00000008/model.safetensors"
+    want, got = load_file(tmp_path / "straight" / final), load_file(tmp_path / "killed" / final)
+    assert all(torch.equal(got[k], want[k]) for k in want)
