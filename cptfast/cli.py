@@ -76,9 +76,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from cptfast.training.demo import run_demo
         run_demo(args.demo_output, quick=args.quick_demo)
         return 0
-    from cptfast.training import train
+    from cptfast.training import recipes, train
 
-    result = train(train_config.load(args.config, args.overrides))
+    config = train_config.load(args.config, args.overrides)
+    if args.plan:
+        print(recipes.format_plan(recipes.plan_from_manifests(config)))
+        return 0
+    result = train(config)
     print(f"cptfast train: {result.steps} steps, {result.tokens:,} tokens, "
           f"{result.skipped_steps} skipped; final checkpoint {result.final_checkpoint}")
     for entry in result.evals[-1:]:
@@ -100,10 +104,23 @@ def _train_parser(sub) -> None:
     p.add_argument("config", nargs="?", help="TOML config file")
     p.add_argument("--print-config", action="store_true",
                    help="print every key with its default and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the replay plan (tokens and epochs per source) and exit")
     p.add_argument("--demo-output", default="cptfast-demo",
                    help="demo working directory (%(default)s)")
     p.add_argument("--quick-demo", action="store_true", help="a seconds-long demo (tests)")
     p.set_defaults(run=_cmd_train, overrides=[])
+
+
+def _cmd_expand_vocab(args: argparse.Namespace) -> int:
+    from cptfast.training.vocab import expand_vocabulary
+
+    report = expand_vocabulary(args.model, args.output, tokenizer_dir=args.tokenizer,
+                               new_tokens=args.tokens, init=args.init, noise_std=args.noise_std,
+                               seed=args.seed)
+    print(f"{report['output']}: vocabulary {report['old_vocab']:,} -> {report['new_vocab']:,} "
+          f"({report['added']:,} new rows, initialised by {report['init']})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,11 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.set_defaults(run=_cmd_verify)
 
+    p = sub.add_parser("expand-vocab", help="grow a model's embeddings to a larger tokenizer",
+                       description="Add embedding and output-head rows for the tokens a new "
+                                   "tokenizer (extending the model's) or a token list adds.")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    new = p.add_mutually_exclusive_group(required=True)
+    new.add_argument("--tokenizer", help="the larger tokenizer (old tokens keep their ids)")
+    new.add_argument("--tokens", nargs="+", help="tokens to add to the model's tokenizer")
+    p.add_argument("--output", required=True, help="directory for the expanded model")
+    p.add_argument("--init", choices=["decompose", "mean"], default="decompose",
+                   help="new rows: mean of the old pieces' rows (default) or of all old rows "
+                        "plus noise")
+    p.add_argument("--noise-std", type=float, default=0.01,
+                   help="mean init: noise, as a fraction of the rows' std (%(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_cmd_expand_vocab)
+
     p = sub.add_parser("demo", help="the built-in offline demo (same as `cptfast train`)")
     p.add_argument("--demo-output", default="cptfast-demo",
                    help="working directory (%(default)s)")
     p.add_argument("--quick-demo", action="store_true", help="a seconds-long demo (tests)")
-    p.set_defaults(run=_cmd_train, config=None, overrides=[], print_config=False)
+    p.set_defaults(run=_cmd_train, config=None, overrides=[], print_config=False, plan=False)
 
     p = sub.add_parser("data-demo", help="the data pipeline alone: corpus, tokenizer, shards")
     p.add_argument("--output", default="cptfast-data-demo",

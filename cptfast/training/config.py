@@ -32,6 +32,9 @@ class ModelConfig:
     loss: bool = _help("the fused linear cross-entropy (no logits in training)", True)
     rope: bool = _help("the fused in-place RoPE kernel (CUDA)", True)
     activation_checkpointing: bool = _help("recompute each layer in the backward", False)
+    new_rows_warmup_steps: int = _help(
+        "after `cptfast expand-vocab`: train only the new embedding rows for this many steps",
+        0)
 
 
 @dataclass

@@ -79,6 +79,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     parallel = config.train.parallel
     model = wrap(model, parallel, config.train.precision, context,
                  cpu_offload=config.train.cpu_offload)
+    new_rows = _new_rows(unwrap(model), config, context)
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
         betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
@@ -174,7 +175,10 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
                                 else grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
         if finite:
-            optimizer.step()
+            if new_rows is not None and step < config.model.new_rows_warmup_steps:
+                _step_new_rows_only(model, optimizer, *new_rows)
+            else:
+                optimizer.step()
             nonfinite_in_a_row = 0
         else:  # skip: the weights stay the last good ones
             skipped += 1
@@ -219,6 +223,42 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     return TrainResult(run_dir, final, step, tokens_seen, skipped, evals,
                        (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
                        unwrap(model))
+
+
+def _new_rows(model, config: Config, context: Context):
+    """(old vocabulary size, embedding tables) when the run starts by training only the rows
+    `cptfast expand-vocab` added; else None."""
+    if config.model.new_rows_warmup_steps == 0:
+        return None
+    old_size = getattr(model.config, "cptfast_vocab_expanded_from", None)
+    if old_size is None:
+        raise ValueError("model.new_rows_warmup_steps needs a model written by `cptfast "
+                         "expand-vocab` (its config records the old vocabulary size)")
+    if context.distributed and config.train.parallel == "fsdp2":
+        raise ValueError("model.new_rows_warmup_steps works with ddp, not fsdp2")
+    tables = [model.get_input_embeddings().weight]
+    if model.get_output_embeddings().weight is not tables[0]:
+        tables.append(model.get_output_embeddings().weight)
+    return old_size, tables
+
+
+def _step_new_rows_only(model, optimizer, old_size: int, tables: list) -> None:
+    """An optimizer step that moves only the new embedding rows: other parameters get no
+    gradient (AdamW skips them), old rows get a zero one and are restored after the step
+    (undoing weight decay)."""
+    table_ids = {id(t) for t in tables}
+    for parameter in model.parameters():
+        if id(parameter) not in table_ids:
+            parameter.grad = None
+    saved = []
+    for table in tables:
+        if table.grad is not None:
+            table.grad[:old_size] = 0
+        saved.append(table.detach()[:old_size].clone())
+    optimizer.step()
+    with torch.no_grad():
+        for table, rows in zip(tables, saved):
+            table[:old_size] = rows
 
 
 def _accumulation(config: Config, world_size: int) -> int:

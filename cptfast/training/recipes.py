@@ -52,3 +52,14 @@ def format_plan(plan: list[dict]) -> str:
         lines.append(f"{row['source']:<16} {row['tokens']:>13,} {row['share']:>7.1%} "
                      f"{row['epochs']:>8.2f}{warning}")
     return "\n".join(lines)
+
+
+def plan_from_manifests(config: Config, world_size: int = 1) -> list[dict]:
+    """The replay plan before anything is loaded: source sizes from the shard manifests."""
+    from cptfast.data import open_shards
+
+    sizes = {name: open_shards(source.path, check_tokens=False).manifest.tokens
+             for name, source in config.data.sources.items()}
+    tokens_per_step = config.optim.global_batch_tokens or (
+        config.data.seq_len * config.data.batch_size * world_size)
+    return mixture_plan(config, sizes, tokens_per_step)

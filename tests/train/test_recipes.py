@@ -84,3 +84,20 @@ def test_resuming_across_and_after_a_phase_boundary_is_exact(setup, tmp_path, ki
     final = "checkpoints/step-00000008/model.safetensors"
     want, got = load_file(tmp_path / "straight" / final), load_file(tmp_path / "killed" / final)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_plan_on_the_command_line(setup, tmp_path):
+    import subprocess
+    import sys
+
+    from test_train import toml
+    path = tmp_path / "plan.toml"
+    path.write_text(toml(setup, tmp_path / "run", PHASES))
+    done = subprocess.run([sys.executable, "-m", "cptfast", "train", str(path), "--plan"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    # 8 steps x 128 tokens: 4 steps at 0.75 / 0.25, then 4 steps domain only
+    assert lines["domain"][1] == f"{4 * 128 * 3 // 4 + 4 * 128:,}"
+    assert lines["general"][1] == f"{4 * 128 // 4:,}"
+    assert not (tmp_path / "run").exists()  # nothing trained
