@@ -123,6 +123,23 @@ def _cmd_expand_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from cptfast.training.merge import merge
+
+    eval_sets = dict(item.split("=", 1) for item in args.eval or [])
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else None
+    rows = merge(args.base, args.tuned, args.alpha, args.output, eval_sets=eval_sets,
+                 alphas=alphas, seq_len=args.seq_len, batches=args.batches)
+    if rows:
+        names = list(eval_sets)
+        print("alpha  " + "  ".join(f"{name:>10}" for name in names))
+        for row in rows:
+            print(f"{row['alpha']:5.2f}  " + "  ".join(f"{row[n]:10.4f}" for n in names))
+    if args.output:
+        print(f"{args.output}: (1 - {args.alpha}) x base + {args.alpha} x tuned")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cptfast", description="Kernel-accelerated continued pretraining of causal LMs.")
@@ -165,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean init: noise, as a fraction of the rows' std (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_cmd_expand_vocab)
+
+    p = sub.add_parser("merge", help="interpolate a base and a tuned checkpoint",
+                       description="theta = (1 - alpha) base + alpha tuned; with --eval, the "
+                                   "held-out loss of each set for every alpha of --alphas.")
+    p.add_argument("--base", required=True, help="the base model directory")
+    p.add_argument("--tuned", required=True, help="the continued-pretrained model directory")
+    p.add_argument("--alpha", type=float, default=0.5, help="for --output (%(default)s)")
+    p.add_argument("--output", help="write the merge at --alpha here")
+    p.add_argument("--eval", action="append", metavar="NAME=SHARDS",
+                   help="a held-out set (repeatable)")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1",
+                   help="alphas to evaluate (%(default)s)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batches", type=int, default=8, help="batches of 4 rows per set")
+    p.set_defaults(run=_cmd_merge)
 
     p = sub.add_parser("demo", help="the built-in offline demo (same as `cptfast train`)")
     p.add_argument("--demo-output", default="cptfast-demo",

@@ -27,6 +27,7 @@ from cptfast.data.loader import PackedLoader
 from cptfast.training import checkpoint, recipes
 from cptfast.training.config import Config, to_dict
 from cptfast.training.distributed import Context, unwrap, wrap
+from cptfast.training.evaluation import autocast, check_vocabulary, eval_loss, held_out_batches
 from cptfast.training.metrics import MetricsLog, model_flops_per_token, peak_flops, peak_memory
 from cptfast.training.schedule import lr_at
 
@@ -91,7 +92,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
                           weights=recipes.weights_at(config, resume_step),
                           packing=config.data.packing, seed=config.data.seed,
                           rank=context.rank, world_size=context.world_size, device=device)
-    _check_vocabulary(loader, unwrap(model))
+    check_vocabulary(loader, _embedding_rows(model))
     tokens_per_micro_batch = config.data.seq_len * config.data.batch_size
     accumulation = _accumulation(config, context.world_size)
     if context.main:  # the replay plan: tokens and epochs of each source over the whole run
@@ -100,7 +101,9 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
         (run_dir / "mixture_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
         if config.logging.progress:
             print(recipes.format_plan(plan))
-    eval_sets = {name: _fixed_batches(name, path, config, unwrap(model), device)
+    eval_sets = {name: held_out_batches(path, config.data.seq_len, config.data.batch_size,
+                                        config.eval.batches, device,
+                                        embedding_rows=_embedding_rows(model), name=name)
                  for name, path in config.data.eval.items()}
 
     # --- resume --------------------------------------------------------------------------------
@@ -126,7 +129,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
 
     def evaluate(at_step: int) -> None:
         if eval_sets:  # every rank runs the same batches (FSDP2 needs all of them anyway)
-            losses = {name: _eval_loss(model, batches, config)
+            losses = {name: eval_loss(model, batches, config.train.precision)
                       for name, batches in eval_sets.items()}
             evals.append({"step": at_step, **losses})
             log.eval(at_step, losses)
@@ -160,7 +163,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             with _gradient_sync(model, parallel, context, last), \
-                    _autocast(config.train.precision, device):
+                    autocast(config.train.precision, device):
                 out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                             labels=batch.labels, shift_labels=batch.labels,
                             num_items_in_batch=max(label_count, 1),
@@ -345,44 +348,8 @@ def _parameter_groups(model, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _check_vocabulary(loader: PackedLoader, model) -> None:
-    rows = model.get_input_embeddings().weight.shape[0]
-    for name, largest in loader.max_token_ids().items():
-        if largest >= rows:
-            raise ValueError(f"{name!r} holds token id {largest} but the model's "
-                             f"embedding has {rows} rows; prepare the data with the model's "
-                             "tokenizer (or resize the embeddings first)")
-
-
-def _fixed_batches(name: str, path: str, config: Config, model, device: torch.device) -> list:
-    """The same micro-batches of a held-out set at every evaluation."""
-    loader = PackedLoader({f"eval {name}": path}, config.data.seq_len, config.data.batch_size,
-                          packing="concat", seed=1234, num_threads=0, device=device)
-    _check_vocabulary(loader, model)
-    return [next(loader) for _ in range(config.eval.batches)]
-
-
-@torch.no_grad()
-def _eval_loss(model, batches, config: Config) -> float:
-    """Mean next-token loss over the held-out batches (fused: no logits are built)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        with _autocast(config.train.precision, batch.input_ids.device):
-            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                        labels=batch.labels, shift_labels=batch.labels, num_items_in_batch=1,
-                        return_logits=False, cu_seq_lens_q=batch.cu_seqlens,
-                        cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen,
-                        max_length_k=batch.max_seqlen)
-        total += float(out.loss)  # a sum: num_items_in_batch = 1
-        count += int((batch.labels != -100).sum())
-    model.train()
-    return total / max(count, 1)
-
-
-def _autocast(precision: str, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16-mixed" and device.type == "cuda")
+def _embedding_rows(model) -> int:
+    return unwrap(model).get_input_embeddings().weight.shape[0]
 
 
 def _test_kill_points(rank: int) -> dict:
