@@ -52,7 +52,7 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict, context, *,
-         keep: int, export: bool, kill_at: int | None = None) -> Path:
+         keep: int, export: bool, ema: dict | None = None, kill_at: int | None = None) -> Path:
     """Write checkpoint ``step`` (a collective: every rank calls it) and keep the newest
     ``keep``. ``kill_at`` (tests only) SIGKILLs every rank half-way through checkpoint
     ``kill_at``."""
@@ -71,17 +71,22 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
     context.barrier()
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if ema is not None:
+        state["ema"] = ema
     with _single_process_is_fine():
-        dcp.save({"model": model_state, "optimizer": optimizer_state},
-                 checkpoint_id=staging / "state")
+        dcp.save(state, checkpoint_id=staging / "state")
     if export:
         _export(unwrap(model), staging, tokenizer, context)
+        if ema is not None:  # the averaged weights, as their own Hugging Face directory
+            _export(unwrap(model), staging / "ema", tokenizer, context, weights=ema)
     if kill_at == step:
         os.kill(os.getpid(), signal.SIGKILL)
     rng = context.gather(_rng_state())
     context.barrier()
     if context.main:
-        torch.save({**meta, "rng": rng, "world_size": context.world_size}, staging / STATE_FILE)
+        torch.save({**meta, "rng": rng, "world_size": context.world_size,
+                    "has_ema": ema is not None}, staging / STATE_FILE)
         (staging / MARKER).write_text(json.dumps({"format": FORMAT, "step": step,
                                                   "hf_export": export}) + "\n")
         for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders
@@ -97,15 +102,18 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
     return final
 
 
-def load(checkpoint: str | Path, model, optimizer, context) -> dict:
-    """Restore model and optimizer (resharded to this world size) and this rank's RNG state
-    from a checkpoint; returns its trainer state."""
+def load(checkpoint: str | Path, model, optimizer, context, ema: dict | None = None) -> dict:
+    """Restore model, optimizer and ``ema`` (in place; resharded to this world size) and this
+    rank's RNG state from a checkpoint; returns its trainer state. An EMA the checkpoint lacks
+    stays as given."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     meta = load_state(checkpoint)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
+    if ema is not None and meta.get("has_ema"):
+        state["ema"] = ema
     with _single_process_is_fine():
         dcp.load(state, checkpoint_id=Path(checkpoint) / "state")
     set_state_dict(model, optimizer, model_state_dict=state["model"],
@@ -136,13 +144,22 @@ def _single_process_is_fine():
         yield
 
 
-def _export(model, directory: Path, tokenizer, context) -> None:
-    """A consolidated Hugging Face directory, written by rank 0 (FSDP2 shards are gathered)."""
+def _export(model, directory: Path, tokenizer, context, weights: dict | None = None) -> None:
+    """A consolidated Hugging Face directory, written by rank 0 (FSDP2 shards are gathered).
+    ``weights`` ({parameter name: tensor}) replace the model's parameters in it (the EMA)."""
     from torch.distributed.tensor import DTensor
 
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     state = None
-    if sharded:
+    if weights is not None:
+        names = {id(p): name for name, p in model.named_parameters()}
+        state = {}
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            value = weights.get(names.get(id(tensor)), tensor).detach()
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            state[key] = value.to(tensor.dtype).cpu()
+    elif sharded:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,

@@ -99,6 +99,8 @@ class TrainSection:
     device: str = _help("auto (cuda when present) | cpu | cuda", "auto")
     deterministic: bool = _help("torch deterministic algorithms (exact resumption checks)",
                                 False)
+    ema_decay: float = _help("keep an exponential moving average of the weights with this "
+                             "decay, exported as checkpoints/step-N/ema (0: off)", 0.0)
     parallel: str = _help("under torchrun: ddp | fsdp2 (per-layer fully_shard)", "ddp")
     cpu_offload: bool = _help("fsdp2: keep parameters and optimizer states on the CPU", False)
     timeout_s: int = _help("seconds a rank waits for the others before failing", 600)
@@ -152,6 +154,8 @@ class Config:
                                 ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1)):
             if value < low:
                 raise ValueError(f"{key} must be at least {low}, got {value}")
+        if not 0 <= self.train.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must lie in [0, 1), got {self.train.ema_decay}")
         if not 0 < self.schedule.decay_fraction <= 1:
             raise ValueError(f"schedule.decay_fraction must lie in (0, 1], got "
                              f"{self.schedule.decay_fraction}")

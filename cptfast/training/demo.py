@@ -5,9 +5,10 @@ Real text already on the machine stands in for a base model's data and a new dom
 standard library's docstrings are the "general" corpus (English prose) and its source code is
 the "domain" corpus. The demo trains a byte-level BPE tokenizer on both, prepares shards (with
 held-out sets), makes a small Llama-shaped "base" model by a short pretraining on the general
-corpus (cached: later runs reuse it), then continues pretraining on the domain corpus with 20 %
-general replay, re-warming the learning rate and decaying it warmup-stable-decay style. It
-ends with the forgetting monitor's table (domain and general held-out loss, before and after),
+corpus (cached: later runs reuse it), then continues pretraining on the domain corpus twice,
+alone and with 20 % general replay, re-warming the learning rate and decaying it
+warmup-stable-decay style. It ends with the forgetting monitor's table (domain and general
+held-out loss, before and after each run: the forgetting that replay prevents),
 tokens/s, a loss-curve PNG when matplotlib is installed, and a generation from the final
 checkpoint loaded back with `AutoModelForCausalLM`.
 """
@@ -58,32 +59,41 @@ def run_demo(output: str | Path = "cptfast-demo", *, quick: bool = False,
     shards = _prepare_inputs(root, size, workers)
     base = _base_model(root, size, shards, progress)
 
-    run_dir = root / "cpt"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    config = _config(base, run_dir, size.cpt_steps, size, progress, lr=2e-3,
-                     sources={"domain": (shards["domain"], 0.8),
-                              "general": (shards["general"], 0.2)},
-                     eval_sets={"domain": shards["domain_eval"],
-                                "general": shards["general_eval"]})
-    print(f"4. continued pretraining: {size.cpt_steps} steps on domain (80 %) + general replay "
-          f"(20 %), lr re-warmed to 2e-3, warmup-stable-decay")
     from cptfast.training.loop import train
-    result = train(config)
+
+    eval_sets = {"domain": shards["domain_eval"], "general": shards["general_eval"]}
+    runs = {}
+    for label, sources in (("domain only", {"domain": (shards["domain"], 1.0)}),
+                           ("with replay", {"domain": (shards["domain"], 0.8),
+                                            "general": (shards["general"], 0.2)})):
+        print(f"4. continued pretraining, {label}: {size.cpt_steps} steps"
+              + (" on domain (80 %) + general replay (20 %)" if len(sources) > 1
+                 else " on the domain alone")
+              + ", lr re-warmed to 2e-3, warmup-stable-decay")
+        run_dir = root / ("cpt" if len(sources) > 1 else "cpt-no-replay")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        runs[label] = train(_config(base, run_dir, size.cpt_steps, size, progress, lr=2e-3,
+                                    sources=sources, eval_sets=eval_sets))
+    result = runs["with replay"]
     before, after = result.evals[0], result.evals[-1]
+    forgetful = runs["domain only"].evals[-1]
     print()
-    print("   held-out loss     before   after   change")
+    print("   held-out loss     before   after: domain only   after: with 20 % replay")
     for name in ("domain", "general"):
-        print(f"   {name:<14} {before[name]:8.3f} {after[name]:7.3f} {after[name] - before[name]:+8.3f}"
-              f"   (perplexity {math.exp(before[name]):,.1f} -> {math.exp(after[name]):,.1f})")
+        print(f"   {name:<14} {before[name]:8.3f} {forgetful[name]:11.3f} "
+              f"({forgetful[name] - before[name]:+.3f}) {after[name]:13.3f} "
+              f"({after[name] - before[name]:+.3f})")
+    print("   (the general set is what replay protects: the forgetting monitor)")
     print(f"   training throughput: {result.tokens_per_s:,.0f} tokens/s on "
           f"{os.cpu_count()} CPU core(s)")
-    curve = _plot(run_dir, root / "loss_curve.png")
+    curve = _plot(root / "cpt", root / "loss_curve.png")
     if curve:
         print(f"   loss curve: {curve}")
     sample = _generate(result.final_checkpoint)
     print(f"5. {result.final_checkpoint} loads with AutoModelForCausalLM.from_pretrained; "
           f"greedy continuation of 'def ':\n{sample}")
-    return {"before": before, "after": after, "tokens_per_s": result.tokens_per_s,
+    return {"before": before, "after": after, "after_without_replay": forgetful,
+            "tokens_per_s": result.tokens_per_s,
             "final_checkpoint": str(result.final_checkpoint), "sample": sample}
 
 

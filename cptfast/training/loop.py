@@ -109,8 +109,9 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     # --- resume --------------------------------------------------------------------------------
     step, tokens_seen, skipped, nonfinite_in_a_row = 0, 0, 0, 0
     evals: list[dict] = []
+    ema = _ema_start(model, config)
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, context)
+        state = checkpoint.load(resume_from, model, optimizer, context, ema=ema)
         loader.load_state_dict(state["loader"])
         step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
         evals = state["evals"]
@@ -124,7 +125,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
         meta = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                 "loader": loader.state_dict(), "evals": evals, "config": to_dict(config)}
         return checkpoint.save(run_dir, at_step, model, optimizer, tokenizer, meta, context,
-                               keep=config.checkpoint.keep, export=export,
+                               keep=config.checkpoint.keep, export=export, ema=ema,
                                kill_at=kill_at.get("checkpoint"))
 
     def evaluate(at_step: int) -> None:
@@ -182,6 +183,8 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
                 _step_new_rows_only(model, optimizer, *new_rows)
             else:
                 optimizer.step()
+            if ema is not None:
+                _ema_update(ema, model, config.train.ema_decay)
             nonfinite_in_a_row = 0
         else:  # skip: the weights stay the last good ones
             skipped += 1
@@ -262,6 +265,20 @@ def _step_new_rows_only(model, optimizer, old_size: int, tables: list) -> None:
     with torch.no_grad():
         for table, rows in zip(tables, saved):
             table[:old_size] = rows
+
+
+def _ema_start(model, config: Config) -> dict | None:
+    """{parameter name: fp32 copy} when train.ema_decay is set (else None)."""
+    if not config.train.ema_decay:
+        return None
+    return {name: p.detach().float().clone()
+            for name, p in unwrap(model).named_parameters()}
+
+
+@torch.no_grad()
+def _ema_update(ema: dict, model, decay: float) -> None:
+    for name, p in unwrap(model).named_parameters():
+        ema[name].lerp_(p.detach().float(), 1.0 - decay)
 
 
 def _accumulation(config: Config, world_size: int) -> int:

@@ -101,3 +101,34 @@ def test_plan_on_the_command_line(setup, tmp_path):
     assert lines["domain"][1] == f"{4 * 128 * 3 // 4 + 4 * 128:,}"
     assert lines["general"][1] == f"{4 * 128 // 4:,}"
     assert not (tmp_path / "run").exists()  # nothing trained
+
+
+def test_ema_export_matches_the_average_of_the_steps_and_resumes_exactly(setup, tmp_path):
+    options = ["--train.ema_decay=0.6", "--checkpoint.every=1", "--checkpoint.keep=10",
+               "--train.steps=3"]
+    result = train(in_process_config(setup, tmp_path / "ema", *options))
+    weights = [load_file(setup / "base" / "model.safetensors")] + [
+        load_file(tmp_path / "ema" / "checkpoints" / f"step-{k:08d}" / "model.safetensors")
+        for k in (1, 2, 3)]
+    expected = {name: weights[0][name].clone() for name in weights[0]}
+    for step_weights in weights[1:]:
+        for name in expected:
+            expected[name] = 0.6 * expected[name] + 0.4 * step_weights[name]
+    got = load_file(result.final_checkpoint / "ema" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(result.final_checkpoint / "ema")  # a real checkpoint
+
+
+def test_ema_resumes_exactly(setup, tmp_path):
+    options = ("--train.ema_decay=0.9",)
+    straight = run_cli(setup, tmp_path / "straight", overrides=options)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run_cli(setup, tmp_path / "killed", kill="step:3", overrides=options)
+    assert killed.returncode == -9
+    resumed = run_cli(setup, tmp_path / "killed", overrides=options)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = "checkpoints/step-00000008/ema/model.safetensors"
+    want, got = load_file(tmp_path / "straight" / final), load_file(tmp_path / "killed" / final)
+    assert all(torch.equal(got[k], want[k]) for k in want)
