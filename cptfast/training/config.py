@@ -32,6 +32,12 @@ class ModelConfig:
     loss: bool = _help("the fused linear cross-entropy (no logits in training)", True)
     rope: bool = _help("the fused in-place RoPE kernel (CUDA)", True)
     activation_checkpointing: bool = _help("recompute each layer in the backward", False)
+    rope_theta: float = _help("long context: a new RoPE base (0: keep the model's)", 0.0)
+    rope_scaling: dict[str, Any] = _help(
+        "long context: RoPE scaling merged into the model's rope parameters, e.g. "
+        "{ rope_type = \"yarn\", factor = 4.0, original_max_position_embeddings = 4096 }",
+        factory=dict)
+    max_position_embeddings: int = _help("long context: the model's new maximum (0: keep)", 0)
     new_rows_warmup_steps: int = _help(
         "after `cptfast expand-vocab`: train only the new embedding rows for this many steps",
         0)
@@ -51,6 +57,13 @@ class PhaseConfig:
 
 
 @dataclass
+class StageConfig:
+    at: float = _help("fraction of the run where the stage starts, in (0, 1)", 0.8)
+    seq_len: int = _help("tokens per packed row from then on", 8192)
+    batch_size: int = _help("rows per micro-batch from then on (0: keep)", 0)
+
+
+@dataclass
 class DataConfig:
     sources: dict[str, SourceConfig] = _help(
         "training sources: [data.sources.NAME] tables with path and weight", factory=dict)
@@ -59,6 +72,9 @@ class DataConfig:
     phases: list[PhaseConfig] = _help(
         "mixture phases: [[data.phases]] tables with at and weights, e.g. domain upsampling "
         "for the final 15 %", factory=list)
+    stages: list[StageConfig] = _help(
+        "sequence-length stages: [[data.stages]] tables with at, seq_len (and batch_size), "
+        "e.g. long-context extension for the final 20 %", factory=list)
     seq_len: int = _help("tokens per packed row", 2048)
     batch_size: int = _help("rows per micro-batch on each rank", 8)
     packing: str = _help("concat (no padding) or bestfit (no document split)", "concat")
@@ -178,6 +194,12 @@ class Config:
             if not all(w >= 0 for w in phase.weights.values()) or not sum(
                     phase.weights.values()) > 0:
                 raise ValueError(f"data.phases[{index}].weights must be >= 0 with a positive sum")
+        previous = 0.0
+        for index, stage in enumerate(self.data.stages):
+            if not previous < stage.at < 1 or stage.seq_len < 2 or stage.batch_size < 0:
+                raise ValueError(f"data.stages[{index}] needs at in (0, 1) increasing, "
+                                 f"seq_len >= 2 and batch_size >= 0; got {stage}")
+            previous = stage.at
         for name, source in self.data.sources.items():
             if not source.path:
                 raise ValueError(f"data.sources.{name}.path is required")
@@ -227,6 +249,14 @@ def _convert(annotation: str, value: Any, path: str):
             raise ValueError(f"{path} must be a table of [{path}.NAME] tables")
         return {name: _build(SourceConfig, table, f"{path}.{name}")
                 for name, table in value.items()}
+    if annotation == "list[StageConfig]":
+        if not isinstance(value, list):
+            raise ValueError(f"{path} must be an array of [[{path}]] tables")
+        return [_build(StageConfig, table, f"{path}[{i}]") for i, table in enumerate(value)]
+    if annotation == "dict[str, Any]":
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a table")
+        return dict(value)
     if annotation == "list[PhaseConfig]":
         if not isinstance(value, list):
             raise ValueError(f"{path} must be an array of [[{path}]] tables")
@@ -307,6 +337,7 @@ def describe() -> str:
     lines.append("# [data.sources.NAME]: path = \"shard directory\", weight = 1.0 (one table per "
                  "source)")
     lines.append("# [[data.phases]]: at = 0.85, weights = { domain = 0.9, general = 0.1 }")
+    lines.append("# [[data.stages]]: at = 0.8, seq_len = 32768, batch_size = 1")
     return "\n".join(lines)
 
 

@@ -87,14 +87,21 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
         fused=device.type == "cuda" and not config.train.cpu_offload)
 
     # --- data: this rank's share of one global stream ------------------------------------------
-    loader = PackedLoader({name: s.path for name, s in config.data.sources.items()},
-                          config.data.seq_len, config.data.batch_size,
-                          weights=recipes.weights_at(config, resume_step),
-                          packing=config.data.packing, seed=config.data.seed,
-                          rank=context.rank, world_size=context.world_size, device=device)
+    def stage_loader(at_step: int):
+        """The loader of the sequence-length stage of ``at_step`` (each stage one stream,
+        seeded by its index), its tokens per micro-batch and micro-batches per step."""
+        index, seq_len, batch_size = recipes.stage_at(config, at_step)
+        loader = PackedLoader({name: s.path for name, s in config.data.sources.items()},
+                              seq_len, batch_size, weights=recipes.weights_at(config, at_step),
+                              packing=config.data.packing, seed=config.data.seed + index,
+                              rank=context.rank, world_size=context.world_size, device=device)
+        return (loader, seq_len * batch_size,
+                _accumulation(config.optim.global_batch_tokens, seq_len, batch_size,
+                              context.world_size))
+
+    # A checkpoint holds the position after its last step, in that step's stage.
+    loader, tokens_per_micro_batch, accumulation = stage_loader(max(resume_step - 1, 0))
     check_vocabulary(loader, _embedding_rows(model))
-    tokens_per_micro_batch = config.data.seq_len * config.data.batch_size
-    accumulation = _accumulation(config, context.world_size)
     if context.main:  # the replay plan: tokens and epochs of each source over the whole run
         plan = recipes.mixture_plan(config, loader.source_tokens(),
                                     tokens_per_micro_batch * accumulation * context.world_size)
@@ -144,7 +151,9 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     while step < config.train.steps:
         step_start = time.perf_counter()
         phase = recipes.phase_starting_at(config, step)
-        if phase is not None:  # a new mixture from this global row on
+        if recipes.stage_starts_at(config, step):  # new rows of T tokens (with this phase)
+            loader, tokens_per_micro_batch, accumulation = stage_loader(step)
+        elif phase is not None:  # a new mixture from this global row on
             loader.set_weights(phase)
         batches = [next(loader) for _ in range(accumulation)]
         data_wait = time.perf_counter() - step_start
@@ -281,18 +290,18 @@ def _ema_update(ema: dict, model, decay: float) -> None:
         ema[name].lerp_(p.detach().float(), 1.0 - decay)
 
 
-def _accumulation(config: Config, world_size: int) -> int:
+def _accumulation(global_batch_tokens: int, seq_len: int, batch_size: int,
+                  world_size: int) -> int:
     """Micro-batches per rank per step, so that a step is global_batch_tokens on any number
-    of ranks."""
-    per_step = config.data.seq_len * config.data.batch_size * world_size
-    if config.optim.global_batch_tokens == 0:
+    of ranks (and in any sequence-length stage)."""
+    per_step = seq_len * batch_size * world_size
+    if global_batch_tokens == 0:
         return 1
-    if config.optim.global_batch_tokens % per_step:
+    if global_batch_tokens % per_step:
         raise ValueError(
-            f"optim.global_batch_tokens = {config.optim.global_batch_tokens} is not a multiple "
-            f"of seq_len x batch_size x ranks = {config.data.seq_len} x "
-            f"{config.data.batch_size} x {world_size} = {per_step}")
-    return config.optim.global_batch_tokens // per_step
+            f"optim.global_batch_tokens = {global_batch_tokens} is not a multiple of seq_len x "
+            f"batch_size x ranks = {seq_len} x {batch_size} x {world_size} = {per_step}")
+    return global_batch_tokens // per_step
 
 
 def _gradient_sync(model, parallel: str, context: Context, last_micro_batch: bool):
@@ -326,13 +335,18 @@ def _resume_point(config: Config, run_dir: Path) -> Path | None:
 
 
 def _load_model(path: Path, config: Config, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; model.path must be a local Hugging "
                                 "Face model directory")
+    model_config = AutoConfig.from_pretrained(path)
+    recipes.apply_rope_settings(model_config, rope_theta=config.model.rope_theta,
+                                rope_scaling=config.model.rope_scaling,
+                                max_position_embeddings=config.model.max_position_embeddings)
     dtype = torch.bfloat16 if config.train.precision == "bf16-pure" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=dtype,
+                                                 attn_implementation="sdpa")
     model.to(device)
     hf.accelerate(model, attention=config.model.attention, loss=config.model.loss,
                   rope=config.model.rope)

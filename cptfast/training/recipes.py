@@ -1,5 +1,6 @@
-"""Continued-pretraining recipes that are pure functions of the config: mixture phases and the
-replay plan (how many tokens of each source a run consumes, and how many epochs that is)."""
+"""Continued-pretraining recipes that are pure functions of the config: mixture phases,
+sequence-length stages, the replay plan (how many tokens of each source a run consumes, and
+how many epochs that is) and the long-context RoPE settings."""
 
 from __future__ import annotations
 
@@ -63,3 +64,39 @@ def plan_from_manifests(config: Config, world_size: int = 1) -> list[dict]:
     tokens_per_step = config.optim.global_batch_tokens or (
         config.data.seq_len * config.data.batch_size * world_size)
     return mixture_plan(config, sizes, tokens_per_step)
+
+
+def stages(config: Config) -> list[tuple[int, int, int]]:
+    """(first step, seq_len, batch_size) of every sequence-length stage, the base first."""
+    found = [(0, config.data.seq_len, config.data.batch_size)]
+    for stage in config.data.stages:
+        found.append((round(stage.at * config.train.steps), stage.seq_len,
+                      stage.batch_size or found[-1][2]))
+    return found
+
+
+def stage_at(config: Config, step: int) -> tuple[int, int, int]:
+    """(stage index, seq_len, batch_size) in effect for optimizer step ``step``."""
+    index = max(i for i, (start, _, _) in enumerate(stages(config)) if start <= step)
+    _, seq_len, batch_size = stages(config)[index]
+    return index, seq_len, batch_size
+
+
+def stage_starts_at(config: Config, step: int) -> bool:
+    return step > 0 and any(start == step for start, _, _ in stages(config)[1:])
+
+
+def apply_rope_settings(model_config, *, rope_theta: float, rope_scaling: dict,
+                        max_position_embeddings: int) -> None:
+    """Long-context continued pretraining: a new RoPE base and/or scaling (merged into the
+    transformers config's rope parameters, per attention type where the model has several)
+    and a new maximum position."""
+    if rope_theta or rope_scaling:
+        parameters = model_config.rope_parameters
+        nested = all(isinstance(v, dict) for v in parameters.values())
+        for table in (parameters.values() if nested else [parameters]):
+            if rope_theta:
+                table["rope_theta"] = float(rope_theta)
+            table.update(rope_scaling)
+    if max_position_embeddings:
+        model_config.max_position_embeddings = max_position_embeddings

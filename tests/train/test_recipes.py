@@ -132,3 +132,57 @@ def test_ema_resumes_exactly(setup, tmp_path):
     final = "checkpoints/step-00000008/ema/model.safetensors"
     want, got = load_file(tmp_path / "straight" / final), load_file(tmp_path / "killed" / final)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+STAGES = """
+[[data.stages]]
+at = 0.5
+seq_len = 64
+batch_size = 1
+"""
+
+
+def test_a_long_context_stage_switches_rows_and_rope_settings_are_exported(setup, tmp_path,
+                                                                        monkeypatch):
+    import json as json_module
+
+    from cptfast.data.loader import PackedLoader
+
+    shapes = []
+    real_next = PackedLoader.__next__
+
+    def recording(self):
+        batch = real_next(self)
+        shapes.append(tuple(batch.input_ids.shape))
+        return batch
+
+    monkeypatch.setattr(PackedLoader, "__next__", recording)
+    config = in_process_config(setup, tmp_path / "long", "--model.rope_theta=50000.0",
+                               "--model.max_position_embeddings=256",
+                               '--model.rope_scaling={ rope_type = "linear", factor = 2.0 }',
+                               "--checkpoint.every=0", "--eval.every=0")
+    config.data.stages = train_config.from_dict(
+        {"data": {"stages": [{"at": 0.5, "seq_len": 64, "batch_size": 1}]}}).data.stages
+    result = train(config.validate())
+    training = [s for s in shapes if s in ((2, 32), (1, 64))]
+    # 4 steps of 2 micro-batches of 2 x 32, then 4 steps of 2 micro-batches of 1 x 64:
+    # the same 128 tokens per step.
+    assert training[-16:] == [(2, 32)] * 8 + [(1, 64)] * 8
+    saved = json_module.loads((result.final_checkpoint / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_theta"] == 50000.0
+    assert saved["rope_parameters"]["rope_type"] == "linear"
+    assert saved["rope_parameters"]["factor"] == 2.0
+    assert saved["max_position_embeddings"] == 256
+
+
+def test_resuming_inside_and_at_a_stage_boundary_is_exact(setup, tmp_path):
+    straight = run_cli(setup, tmp_path / "straight", extra=STAGES)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for kill_step in (4, 5):  # checkpoints every 2 steps: resume at the boundary, and after
+        run_dir = tmp_path / f"killed{kill_step}"
+        killed = run_cli(setup, run_dir, kill=f"step:{kill_step}", extra=STAGES)
+        assert killed.returncode == -9
+        resumed = run_cli(setup, run_dir, extra=STAGES)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        final = "checkpoints/step-00000008/model.safetensors"
+        want, got = load_file(tmp_path / "straight" / final), load_file(run_dir / final)
+        assert all(torch.equal(got[k], want[k]) for k in want)
