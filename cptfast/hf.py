@@ -118,11 +118,16 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, position_ids
                          logits_to_keep=0, return_logits: bool | None = None, **kwargs):
     """The model's forward; with labels in training, the loss comes from the fused linear
     cross-entropy and no logits are built. ``return_logits=True`` builds them as usual;
-    ``return_logits=False`` skips them in eval too (a held-out loss without logits)."""
+    ``return_logits=False`` skips them in eval too (a held-out loss without logits).
+    ``token_loss_weights`` (like the labels) weights each token's loss."""
     shift_labels = kwargs.get("shift_labels")
+    token_loss_weights = kwargs.pop("token_loss_weights", None)
     fused = ((labels is not None or shift_labels is not None)
              and isinstance(logits_to_keep, int) and logits_to_keep == 0
              and (return_logits is False or (return_logits is None and self.training)))
+    if token_loss_weights is not None and not fused:
+        raise ValueError("token_loss_weights needs the fused loss: labels, no logits_to_keep, "
+                         "and training mode or return_logits=False")
     if not fused:
         return type(self).forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -137,8 +142,14 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, position_ids
     if shift_labels is None:  # position i predicts token i + 1, as transformers shifts
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     num_items = kwargs.get("num_items_in_batch")
-    loss = lm_loss(self, outputs.last_hidden_state, shift_labels,
-                   reduction="mean" if num_items is None else "sum")
+    if token_loss_weights is None:
+        loss = lm_loss(self, outputs.last_hidden_state, shift_labels,
+                       reduction="mean" if num_items is None else "sum")
+    else:  # per-token weights (e.g. per source): sum of weight x loss over the label count
+        losses = lm_loss(self, outputs.last_hidden_state, shift_labels, reduction="none")
+        loss = (losses * token_loss_weights.reshape(-1).to(losses)).sum()
+        if num_items is None:
+            num_items = (shift_labels != -100).sum().clamp_min(1)
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     return CausalLMOutputWithPast(loss=loss, logits=None,

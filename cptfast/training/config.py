@@ -47,6 +47,7 @@ class ModelConfig:
 class SourceConfig:
     path: str = _help("a shard directory written by `cptfast prepare`", "")
     weight: float = _help("share of the training tokens (normalised over sources)", 1.0)
+    loss_weight: float = _help("multiplies the loss of this source's tokens", 1.0)
 
 
 @dataclass
@@ -203,8 +204,8 @@ class Config:
         for name, source in self.data.sources.items():
             if not source.path:
                 raise ValueError(f"data.sources.{name}.path is required")
-            if not source.weight >= 0:
-                raise ValueError(f"data.sources.{name}.weight must be >= 0")
+            if not source.weight >= 0 or not source.loss_weight >= 0:
+                raise ValueError(f"data.sources.{name}.weight and loss_weight must be >= 0")
         return self
 
 

@@ -99,6 +99,10 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
                 _accumulation(config.optim.global_batch_tokens, seq_len, batch_size,
                               context.world_size))
 
+    loss_weights = torch.tensor([s.loss_weight for s in config.data.sources.values()],
+                                device=device)
+    weighted = bool((loss_weights != 1).any())
+
     # A checkpoint holds the position after its last step, in that step's stage.
     loader, tokens_per_micro_batch, accumulation = stage_loader(max(resume_step - 1, 0))
     check_vocabulary(loader, _embedding_rows(model))
@@ -174,9 +178,11 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
             last = index == len(batches) - 1
             with _gradient_sync(model, parallel, context, last), \
                     autocast(config.train.precision, device):
+                extra = ({"token_loss_weights": loss_weights[batch.sources.long()][:, None]
+                          .expand_as(batch.labels)} if weighted else {})
                 out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                             labels=batch.labels, shift_labels=batch.labels,
-                            num_items_in_batch=max(label_count, 1),
+                            num_items_in_batch=max(label_count, 1), **extra,
                             cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
                             max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
                 (out.loss * context.world_size).backward()

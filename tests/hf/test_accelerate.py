@@ -248,3 +248,21 @@ def test_eval_loss_without_logits_when_asked():
         want = stock(input_ids=ids, labels=ids)
         got = fast(input_ids=ids, labels=ids, return_logits=False)
     assert got.logits is None and relative_error(got.loss, want.loss) < 1e-6
+
+
+def test_token_loss_weights_weight_each_tokens_loss():
+    stock, fast = make_pair("qwen3")
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(10))
+    weights = torch.rand(2, 10, generator=torch.Generator().manual_seed(11))
+    got = fast(input_ids=ids, labels=ids, token_loss_weights=weights)
+    logits = stock(input_ids=ids).logits[:, :-1]
+    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1),
+                                                  reduction="none")
+    want = (per_token * weights[:, :-1].reshape(-1)).sum() / per_token.numel()
+    assert relative_error(got.loss, want) < 1e-6
+    want.backward()
+    got.loss.backward()
+    assert_same_gradients(stock, fast)
+    fast.eval()
+    with pytest.raises(ValueError, match="token_loss_weights needs the fused loss"):
+        fast(input_ids=ids, labels=ids, token_loss_weights=weights)

@@ -186,3 +186,21 @@ def test_resuming_inside_and_at_a_stage_boundary_is_exact(setup, tmp_path):
         final = "checkpoints/step-00000008/model.safetensors"
         want, got = load_file(tmp_path / "straight" / final), load_file(run_dir / final)
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_per_source_loss_weights(setup, tmp_path):
+    import json as json_module
+
+    def first_loss(name, *options):
+        train(in_process_config(setup, tmp_path / name, "--train.steps=1", "--eval.every=0",
+                                "--checkpoint.every=0", *options))
+        entries = map(json_module.loads,
+                      (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+        return next(entry["loss"] for entry in entries if "loss" in entry)
+
+    plain = first_loss("plain")
+    doubled = first_loss("doubled", "--data.sources.domain.loss_weight=2.0",
+                         "--data.sources.general.loss_weight=2.0")
+    no_general = first_loss("no_general", "--data.sources.general.loss_weight=0.0")
+    assert doubled == pytest.approx(2 * plain, rel=1e-6)
+    assert 0 < no_general < plain
