@@ -13,56 +13,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_train import toml
+
 STEPS = 6
-
-
-def config_text(setup: Path, run_dir: Path, parallel: str) -> str:
-    # 32 tokens x 2 rows per micro-batch; 128 tokens per step: 2 micro-batches on 1 rank,
-    # 1 on each of 2 ranks.
-    return f"""
-[model]
-path = "{setup / 'base'}"
-[data]
-seq_len = 32
-batch_size = 2
-[data.sources.domain]
-path = "{setup / 'domain'}"
-weight = 0.75
-[data.sources.general]
-path = "{setup / 'general'}"
-weight = 0.25
-[optim]
-lr = 1e-2
-global_batch_tokens = 128
-[schedule]
-warmup_steps = 2
-[train]
-steps = {STEPS}
-output = "{run_dir}"
-precision = "fp32"
-parallel = "{parallel}"
-timeout_s = 60
-[checkpoint]
-every = 3
-[eval]
-every = 0
-[logging]
-progress = false
-tensorboard = false
-"""
 
 
 def run(setup, run_dir: Path, ranks: int, parallel: str = "ddp", kill: str = "",
         timeout: int = 240) -> subprocess.CompletedProcess:
+    # 128 tokens per step: 2 micro-batches of 2 x 32 on 1 rank, 1 on each of 2 ranks.
     config = run_dir.parent / f"{run_dir.name}-{ranks}-{parallel}.toml"
-    config.write_text(config_text(setup, run_dir, parallel))
+    config.write_text(toml(setup, run_dir))
+    overrides = [f"--train.steps={STEPS}", f'--train.parallel="{parallel}"',
+                 "--train.timeout_s=60", "--train.deterministic=false", "--checkpoint.every=3",
+                 "--eval.every=0"]
     env = {**os.environ, "CPTFAST_TEST_KILL": kill, "OMP_NUM_THREADS": "1"}
     if ranks == 1:
-        command = [sys.executable, "-m", "cptfast", "train", str(config)]
+        command = [sys.executable, "-m", "cptfast", "train", str(config), *overrides]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                    "--master_port", str(29500 + os.getpid() % 1000), "-m", "cptfast", "train",
-                   str(config)]
+                   str(config), *overrides]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 

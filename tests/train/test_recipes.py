@@ -73,17 +73,8 @@ def test_the_switch_happens_at_the_phase_boundary_row(setup, tmp_path, monkeypat
     assert (result.run_dir / "mixture_plan.json").is_file()
 
 
-@pytest.mark.parametrize("kill_step", [3, 5])
-def test_resuming_across_and_after_a_phase_boundary_is_exact(setup, tmp_path, kill_step):
-    straight = run_cli(setup, tmp_path / "straight", extra=PHASES)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = run_cli(setup, tmp_path / "killed", kill=f"step:{kill_step}", extra=PHASES)
-    assert killed.returncode == -9
-    resumed = run_cli(setup, tmp_path / "killed", extra=PHASES)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final = "checkpoints/step-00000008/model.safetensors"
-    want, got = load_file(tmp_path / "straight" / final), load_file(tmp_path / "killed" / final)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+def test_resuming_across_and_after_a_phase_boundary_is_exact(setup, tmp_path):
+    assert_resumes_exactly(setup, tmp_path, [3, 5], extra=PHASES)  # boundary: step 4
 
 
 def test_plan_on_the_command_line(setup, tmp_path):
@@ -103,7 +94,7 @@ def test_plan_on_the_command_line(setup, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing trained
 
 
-def test_ema_export_matches_the_average_of_the_steps_and_resumes_exactly(setup, tmp_path):
+def test_ema_export_matches_the_average_of_the_steps(setup, tmp_path):
     options = ["--train.ema_decay=0.6", "--checkpoint.every=1", "--checkpoint.keep=10",
                "--train.steps=3"]
     result = train(in_process_config(setup, tmp_path / "ema", *options))
@@ -122,16 +113,9 @@ def test_ema_export_matches_the_average_of_the_steps_and_resumes_exactly(setup, 
 
 
 def test_ema_resumes_exactly(setup, tmp_path):
-    options = ("--train.ema_decay=0.9",)
-    straight = run_cli(setup, tmp_path / "straight", overrides=options)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = run_cli(setup, tmp_path / "killed", kill="step:3", overrides=options)
-    assert killed.returncode == -9
-    resumed = run_cli(setup, tmp_path / "killed", overrides=options)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final = "checkpoints/step-00000008/ema/model.safetensors"
-    want, got = load_file(tmp_path / "straight" / final), load_file(tmp_path / "killed" / final)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert_resumes_exactly(setup, tmp_path, [3], overrides=("--train.ema_decay=0.9",),
+                           weights="ema/model.safetensors")
+
 
 STAGES = """
 [[data.stages]]
@@ -175,32 +159,24 @@ def test_a_long_context_stage_switches_rows_and_rope_settings_are_exported(setup
 
 
 def test_resuming_inside_and_at_a_stage_boundary_is_exact(setup, tmp_path):
-    straight = run_cli(setup, tmp_path / "straight", extra=STAGES)
+    # checkpoints every 2 steps: killed after 4 resumes at the boundary, after 5 inside
+    assert_resumes_exactly(setup, tmp_path, [4, 5], extra=STAGES)
+
+
+def assert_resumes_exactly(setup, tmp_path, kill_steps, *, extra="", overrides=(),
+                           weights="model.safetensors"):
+    """A run killed (SIGKILL) after each of ``kill_steps`` and resumed ends with the weights
+    file ``weights`` of its final checkpoint bit-identical to an uninterrupted run's."""
+    straight = run_cli(setup, tmp_path / "straight", extra=extra, overrides=overrides)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    for kill_step in (4, 5):  # checkpoints every 2 steps: resume at the boundary, and after
+    final = f"checkpoints/step-00000008/{weights}"
+    want = load_file(tmp_path / "straight" / final)
+    for kill_step in kill_steps:
         run_dir = tmp_path / f"killed{kill_step}"
-        killed = run_cli(setup, run_dir, kill=f"step:{kill_step}", extra=STAGES)
+        killed = run_cli(setup, run_dir, kill=f"step:{kill_step}", extra=extra,
+                         overrides=overrides)
         assert killed.returncode == -9
-        resumed = run_cli(setup, run_dir, extra=STAGES)
+        resumed = run_cli(setup, run_dir, extra=extra, overrides=overrides)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        final = "checkpoints/step-00000008/model.safetensors"
-        want, got = load_file(tmp_path / "straight" / final), load_file(run_dir / final)
-        assert all(torch.equal(got[k], want[k]) for k in want)
-
-
-def test_per_source_loss_weights(setup, tmp_path):
-    import json as json_module
-
-    def first_loss(name, *options):
-        train(in_process_config(setup, tmp_path / name, "--train.steps=1", "--eval.every=0",
-                                "--checkpoint.every=0", *options))
-        entries = map(json_module.loads,
-                      (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-        return next(entry["loss"] for entry in entries if "loss" in entry)
-
-    plain = first_loss("plain")
-    doubled = first_loss("doubled", "--data.sources.domain.loss_weight=2.0",
-                         "--data.sources.general.loss_weight=2.0")
-    no_general = first_loss("no_general", "--data.sources.general.loss_weight=0.0")
-    assert doubled == pytest.approx(2 * plain, rel=1e-6)
-    assert 0 < no_general < plain
+        got = load_file(run_dir / final)
+        assert all(torch.equal(got[k], want[k]) for k in want), kill_step
