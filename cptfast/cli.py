@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -79,8 +80,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cptfast.training import recipes, train
 
     config = train_config.load(args.config, args.overrides)
+    if os.environ.get("RANK", "0") == "0":  # the replay plan, once under torchrun
+        print(recipes.format_plan(recipes.plan_from_manifests(
+            config, int(os.environ.get("WORLD_SIZE", "1")))))
     if args.plan:
-        print(recipes.format_plan(recipes.plan_from_manifests(config)))
         return 0
     result = train(config)
     print(f"cptfast train: {result.steps} steps, {result.tokens:,} tokens, "

@@ -40,7 +40,7 @@ class DemoSize:
 
 
 FULL = DemoSize(corpus_chars=1_500_000, vocab_size=4096, hidden=192, layers=4, seq_len=256,
-                batch_size=8, pretrain_steps=300, cpt_steps=200)
+                batch_size=8, pretrain_steps=300, cpt_steps=150)
 QUICK = DemoSize(corpus_chars=60_000, vocab_size=512, hidden=64, layers=2, seq_len=64,
                  batch_size=4, pretrain_steps=12, cpt_steps=10)
 

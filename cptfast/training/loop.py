@@ -110,8 +110,6 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
         plan = recipes.mixture_plan(config, loader.source_tokens(),
                                     tokens_per_micro_batch * accumulation * context.world_size)
         (run_dir / "mixture_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-        if config.logging.progress:
-            print(recipes.format_plan(plan))
     eval_sets = {name: held_out_batches(path, config.data.seq_len, config.data.batch_size,
                                         config.eval.batches, device,
                                         embedding_rows=_embedding_rows(model), name=name)
