@@ -91,7 +91,7 @@ def run_demo(output: str | Path = "cptfast-demo", *, quick: bool = False,
         print(f"   loss curve: {curve}")
     sample = _generate(result.final_checkpoint)
     print(f"5. {result.final_checkpoint} loads with AutoModelForCausalLM.from_pretrained; "
-          f"greedy continuation of 'def ':\n{sample}")
+          f"greedy continuation (no repeated 4-grams) of 'def ':\n{sample}")
     return {"before": before, "after": after, "after_without_replay": forgetful,
             "tokens_per_s": result.tokens_per_s,
             "final_checkpoint": str(result.final_checkpoint), "sample": sample}
@@ -227,5 +227,5 @@ def _generate(checkpoint: Path) -> str:
     prompt = tokenizer("def ", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=48, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+                             no_repeat_ngram_size=4, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
