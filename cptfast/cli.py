@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from cptfast.data.prep import DEFAULT_SHARD_TOKENS
-from cptfast.errors import ExtensionNotBuiltError, ShardFormatError
+from cptfast.errors import ExtensionNotBuiltError, NonFiniteLossError, ShardFormatError
 
 # Errors that mean "the input or the set-up is wrong": shown as one line, not a traceback.
 USER_ERRORS = (ShardFormatError, ExtensionNotBuiltError, ValueError, FileNotFoundError,
-               FileExistsError, ImportError)
+               FileExistsError, ImportError, NonFiniteLossError)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.run(args)
-    except USER_ERRORS + (_non_finite_error(),) as error:
+    except USER_ERRORS as error:
         print(f"cptfast {args.command}: error: {error}", file=sys.stderr)
         return 1
 
@@ -244,7 +244,3 @@ def _join_values(arguments: list[str]) -> list[str]:
             joined.append(argument)
     return joined
 
-
-def _non_finite_error():
-    from cptfast.training.loop import NonFiniteLossError
-    return NonFiniteLossError

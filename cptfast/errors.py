@@ -1,4 +1,4 @@
-"""Exception classes shared by the Python code and the C++ extension (which raises these too)."""
+"""Exception classes shared by the Python code and the C++ extension (which raises some too)."""
 
 
 class ShardFormatError(ValueError):
@@ -10,3 +10,7 @@ class ShardFormatError(ValueError):
 
 class ExtensionNotBuiltError(ImportError):
     """The compiled extension ``cptfast._C`` is missing; the message says how to build it."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite training steps in a row; the last good state was checkpointed."""
