@@ -19,7 +19,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from cptfast.data import prepare
 
     summary = prepare(args.input, args.output, args.tokenizer, text_field=args.text_field,
-                      split_lines=args.split_lines, shard_tokens=args.shard_tokens,
+                      split_lines=args.split_lines, prefix_field=args.prefix_field,
+                      prefix_template=args.prefix_template, shard_tokens=args.shard_tokens,
                       workers=args.workers, overwrite=args.overwrite,
                       progress=False if args.no_progress else None)
     print(summary.format())
@@ -156,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", help="input files or directories")
     p.add_argument("--output", required=True, help="shard directory to create")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column (text)")
+    p.add_argument("--prefix-field", default=None,
+                   help="a field put before the text and kept out of the loss (e.g. url: "
+                        "metadata conditioning); writes OUTPUT/loss_mask")
+    p.add_argument("--prefix-template", default="{}\n\n",
+                   help="how the prefix is written (%(default)r)")
     p.add_argument("--split-lines", action="store_true",
                    help="one document per line of .txt files (default: one per file)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,

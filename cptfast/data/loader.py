@@ -137,6 +137,15 @@ def _open_source(spec, name: str) -> tuple[list, dict | None]:
                            "eos_id": tokenizer.eos_id, "path": str(opened.path)}
 
 
+def _loss_mask_files(spec) -> list[str] | None:
+    """The loss-mask shard files of a shard directory, if it has them."""
+    if isinstance(spec, ShardDirectory):
+        spec = spec.path
+    if isinstance(spec, (str, Path)) and (Path(spec) / "loss_mask").is_dir():
+        return sorted(str(p) for p in (Path(spec) / "loss_mask").glob("*.bin"))
+    return None
+
+
 class PackedLoader:
     """Endless iterator of :class:`Batch` for one rank.
 
@@ -164,13 +173,19 @@ class PackedLoader:
         host_expand: expand batches on the gathering threads (default: unless they go to a
             CUDA device, where the compact batch is expanded by a kernel); ``False`` suits
             callers of :meth:`next_compact`.
+        loss_masks: apply the loss masks of sources that have them (a ``loss_mask/`` shard
+            written by ``prepare(prefix_field=...)``): labels of masked tokens become -100.
+            A twin loader over the mask shards yields the very same rows (same documents,
+            same index), so the masks line up token for token. Not applied by
+            :meth:`next_compact`.
     """
 
     def __init__(self, sources, seq_len: int, batch_size: int, *, weights=None,
                  packing: str = "concat", seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_threads: int = 2, device: str | torch.device | None = None,
                  window: int = 1024, prefetch: int = 4, pad_id: int | None = None,
-                 index_cache: str | Path | bool | None = None, host_expand: bool | None = None):
+                 index_cache: str | Path | bool | None = None, host_expand: bool | None = None,
+                 loss_masks: bool = True):
         if packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         if seq_len < 2:
@@ -221,6 +236,19 @@ class PackedLoader:
         self._cache_prefixes = self._index_cache_prefixes(index_cache)
         self._state = (0, [0] * len(specs), [0] * len(specs))
         self._loader = self._start(self._state)
+        self._masks = None
+        mask_files = [_loss_mask_files(spec) for spec in specs]
+        if loss_masks and any(mask_files):
+            # Unmasked sources pass their own tokens through the twin (ignored below).
+            twin_sources = {name: files or readers for name, files, readers
+                            in zip(self.source_names, mask_files, self._readers)}
+            self._masks = PackedLoader(
+                twin_sources, seq_len, batch_size, weights=self.weights, packing=packing,
+                seed=seed, rank=rank, world_size=world_size, num_threads=num_threads,
+                device=device, window=window, prefetch=prefetch, pad_id=0,
+                index_cache=index_cache, host_expand=host_expand, loss_masks=False)
+            self._masked_sources = torch.tensor([bool(f) for f in mask_files],
+                                                device=self.device)
 
     def _weights(self, weights) -> list[float]:
         if weights is None:
@@ -290,9 +318,16 @@ class PackedLoader:
     def __next__(self) -> Batch:
         compact = self.next_compact()
         if self._expands_on_device():
-            return expand_on_device(compact, self.device)
-        batch = expand(compact)
-        return batch if self.device.type == "cpu" else batch.to(self.device)
+            batch = expand_on_device(compact, self.device)
+        else:
+            batch = expand(compact)
+            batch = batch if self.device.type == "cpu" else batch.to(self.device)
+        if self._masks is not None:
+            # The twin's labels are the masks of the label tokens (-100 at document ends).
+            mask = next(self._masks).labels
+            drop = (mask == 0) & self._masked_sources[batch.sources.long()][:, None]
+            batch.labels = batch.labels.masked_fill(drop, -100)
+        return batch
 
     # ---- resumption and reporting ------------------------------------------------------------
 
@@ -318,6 +353,8 @@ class PackedLoader:
         self._loader = None  # stop the old threads before starting new ones
         self._state = (state["global_row"], list(state["rows"]), list(state["tokens"]))
         self._loader = self._start(self._state)
+        if self._masks is not None:
+            self._masks.load_state_dict(state)
 
     def set_weights(self, weights) -> None:
         """Change the mixture from the next batch on (a new phase of the run, e.g. domain
@@ -329,6 +366,8 @@ class PackedLoader:
         self._loader = None  # stop the old threads before starting new ones
         self._state = (global_row, list(rows), [0] * len(rows))
         self._loader = self._start(self._state)
+        if self._masks is not None:
+            self._masks.set_weights(weights)
 
     def source_tokens(self) -> dict[str, int]:
         """Tokens in each source (one epoch)."""

@@ -78,10 +78,14 @@ def _decode_error(path: Path, error: UnicodeDecodeError, where: str = "") -> Val
                       "convert the file to UTF-8")
 
 
-def iter_documents(path: Path, *, text_field: str = "text",
-                   split_lines: bool = False) -> Iterator[str | None]:
-    """The documents of one input file as strings (None for a missing/null parquet value)."""
+def iter_documents(path: Path, *, text_field: str = "text", split_lines: bool = False,
+                   prefix_field: str | None = None) -> Iterator:
+    """The documents of one input file as strings (None for a missing/null parquet value), or
+    (prefix, text) pairs with ``prefix_field`` (a missing or null prefix is "")."""
     kind = _suffix_kind(path)
+    if prefix_field is not None and kind == "txt":
+        raise ValueError(f"{path}: --prefix-field needs .jsonl or .parquet input (a field "
+                         "beside the text)")
     if kind == "txt":
         try:
             text = path.read_text(encoding="utf-8")
@@ -113,7 +117,10 @@ def iter_documents(path: Path, *, text_field: str = "text",
                 if text is not None and not isinstance(text, str):
                     raise ValueError(f"{path}{where}: field {text_field!r} holds a "
                                      f"{type(text).__name__}, not a string")
-                yield text
+                if prefix_field is not None:
+                    yield (str(record.get(prefix_field) or ""), text)
+                else:
+                    yield text
     elif kind == "parquet":
         try:
             import pyarrow.parquet as pq
@@ -124,8 +131,17 @@ def iter_documents(path: Path, *, text_field: str = "text",
         if text_field not in table.schema_arrow.names:
             raise ValueError(f"{path}: no column {text_field!r} (found "
                              f"{table.schema_arrow.names}); pass --text-field")
-        for batch in table.iter_batches(columns=[text_field], batch_size=4096):
-            yield from batch.column(0).to_pylist()
+        columns = [text_field] + ([prefix_field] if prefix_field is not None else [])
+        missing = [c for c in columns if c not in table.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{path}: no column {missing[0]!r} (found "
+                             f"{table.schema_arrow.names})")
+        for batch in table.iter_batches(columns=columns, batch_size=4096):
+            texts = batch.column(0).to_pylist()
+            if prefix_field is None:
+                yield from texts
+            else:
+                yield from zip((str(p or "") for p in batch.column(1).to_pylist()), texts)
     else:
         raise ValueError(f"{path}: unsupported input type")
 
@@ -134,6 +150,7 @@ def iter_documents(path: Path, *, text_field: str = "text",
 
 _tokenizer = None
 _eos_id: int | None = None
+_prefix_template = "{}\n\n"
 
 
 def load_tokenizer(path: str | Path):
@@ -145,26 +162,42 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def _set_tokenizer(tokenizer, eos_id: int) -> None:
-    global _tokenizer, _eos_id
-    _tokenizer, _eos_id = tokenizer, eos_id
+def _set_tokenizer(tokenizer, eos_id: int, prefix_template: str = "{}\n\n") -> None:
+    global _tokenizer, _eos_id, _prefix_template
+    _tokenizer, _eos_id, _prefix_template = tokenizer, eos_id, prefix_template
 
 
-def _init_worker(tokenizer_path: str, eos_id: int) -> None:
+def _init_worker(tokenizer_path: str, eos_id: int, prefix_template: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _set_tokenizer(load_tokenizer(tokenizer_path), eos_id)
+    _set_tokenizer(load_tokenizer(tokenizer_path), eos_id, prefix_template)
 
 
-def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize texts; return (all tokens as one uint32 array, per-document lengths)."""
-    encoded = _tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
-    for ids in encoded:
+def _encode_batch(items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Tokenize documents; return (all tokens as one uint32 array, per-document lengths, and
+    for (prefix, text) pairs the loss mask: 0 on the prefix's tokens, 1 on the rest)."""
+    if items and isinstance(items[0], tuple):  # prefix (e.g. metadata) then text
+        prefixes = [_prefix_template.format(p) if p else "" for p, _ in items]
+        heads = _tokenizer(prefixes, add_special_tokens=True, verbose=False)["input_ids"]
+        bodies = _tokenizer([t for _, t in items], add_special_tokens=False,
+                            verbose=False)["input_ids"]
+        encoded, masks = [], []
+        for head, body in zip(heads, bodies):  # an empty prefix: just the BOS, if any
+            encoded.append(head + body)
+            masks.append([0] * len(head) + [1] * len(body))
+    else:
+        encoded = _tokenizer(items, add_special_tokens=True, verbose=False)["input_ids"]
+        masks = None
+    for k, ids in enumerate(encoded):
         if not ids or ids[-1] != _eos_id:
             ids.append(_eos_id)
+            if masks is not None:
+                masks[k].append(1)
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint32,
                        count=int(lengths.sum()))
-    return flat, lengths
+    mask = None if masks is None else np.fromiter(itertools.chain.from_iterable(masks),
+                                                  dtype=np.uint16, count=int(lengths.sum()))
+    return flat, lengths, mask
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
@@ -201,11 +234,12 @@ class PrepareSummary:
 def _batches(documents: Iterable[str | None], skipped: list[int]) -> Iterator[list[str]]:
     batch: list[str] = []
     characters = 0
-    for text in documents:
+    for item in documents:
+        text = item[1] if isinstance(item, tuple) else item
         if text is None or not text.strip():
             skipped[0] += 1
             continue
-        batch.append(text)
+        batch.append(item)
         characters += len(text)
         if len(batch) >= BATCH_DOCUMENTS or characters >= BATCH_CHARACTERS:
             yield batch
@@ -268,6 +302,7 @@ def default_workers() -> int:
 
 def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | Path, *,
             text_field: str = "text", split_lines: bool = False,
+            prefix_field: str | None = None, prefix_template: str = "{}\n\n",
             shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
             overwrite: bool = False, progress: bool | None = None) -> PrepareSummary:
     """Tokenize text files into a cptfast shard directory at ``output``.
@@ -282,6 +317,10 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
         shard_tokens: a shard file is closed once it holds at least this many tokens.
         workers: tokenizer processes (default: one per available core; 1 = in-process).
         progress: show a progress bar (default: when stderr is a terminal).
+        prefix_field: a field of each record (.jsonl/.parquet) put before the text as
+            ``prefix_template.format(value)`` and kept out of the loss: ``output/loss_mask``
+            gets a shard of 0/1 per token (0 on the prefix) with the same documents. With a
+            metadata field (e.g. ``url``) and a cooldown without it, this is MeCo.
 
     Empty (all-whitespace) documents are skipped and counted. Returns a summary.
     """
@@ -311,22 +350,29 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
     staging = output.parent / f".{output.name}.partial-{_staging_owner()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     sink = _ShardSink(staging, dtype, shard_tokens)
+    mask_sink = None
+    if prefix_field is not None:  # same documents, same file splits: aligned shard by shard
+        (staging / "loss_mask").mkdir()
+        mask_sink = _ShardSink(staging / "loss_mask", np.dtype(np.uint16), shard_tokens)
     pool = None
     try:
         tok.save_pretrained(str(staging / "tokenizer"))
         skipped = [0]
         documents = (doc for path in files
                      for doc in iter_documents(path, text_field=text_field,
-                                               split_lines=split_lines))
+                                               split_lines=split_lines,
+                                               prefix_field=prefix_field))
         batches = _batches(documents, skipped)
 
         from tqdm.auto import tqdm
         bar = tqdm(unit=" docs", desc="prepare", dynamic_ncols=True,
                    disable=(not sys.stderr.isatty()) if progress is None else not progress)
 
-        def consume(result: tuple[np.ndarray, np.ndarray]) -> None:
-            tokens, lengths = result
+        def consume(result: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> None:
+            tokens, lengths, mask = result
             sink.add(tokens, lengths)
+            if mask_sink is not None:
+                mask_sink.add(mask, lengths)
             bar.update(len(lengths))
             total = sum(f.tokens for f in sink.files) + (sink.writer.tokens if sink.writer else 0)
             elapsed = time.perf_counter() - started
@@ -334,7 +380,7 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
                             refresh=False)
 
         if workers == 1:
-            _set_tokenizer(tok, eos_id)
+            _set_tokenizer(tok, eos_id, prefix_template)
             for batch in batches:
                 consume(_encode_batch(batch))
         else:
@@ -342,7 +388,8 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
             # fork: workers start in milliseconds (spawn would re-import transformers in each).
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = multiprocessing.get_context(method).Pool(
-                workers, initializer=_init_worker, initargs=(str(tokenizer), eos_id))
+                workers, initializer=_init_worker,
+                initargs=(str(tokenizer), eos_id, prefix_template))
             pending: deque = deque()
             for batch in batches:  # bounded in flight: memory stays flat on any corpus size
                 pending.append(pool.apply_async(_encode_batch, (batch,)))
@@ -355,6 +402,8 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
             pool = None
         bar.close()
         shard_files = sink.close()
+        if mask_sink is not None:
+            mask_sink.close()
 
         manifest = Manifest(
             tokenizer=TokenizerInfo(path=str(Path(tokenizer).absolute()),
@@ -375,6 +424,8 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
         if pool is not None:
             pool.terminate()
         sink.abort()
+        if mask_sink is not None:
+            mask_sink.abort()
         shutil.rmtree(staging, ignore_errors=True)
         raise
 

@@ -342,3 +342,34 @@ def test_a_new_mixture_phase_starts_at_the_exact_row_and_resumes(tmp_path, packi
     resumed.load_state_dict(state)
     for want in expected:
         assert torch.equal(next(resumed).input_ids, want)
+
+
+def test_a_prefix_field_is_kept_out_of_the_loss(tmp_path, big_vocab_tokenizer_dir):
+    # Word-level tokens: prefix words are w0..w999, text words w1000 and up, so a target
+    # token's id says whether it belongs to a prefix.
+    import json
+    import random
+
+    rng = random.Random(0)
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for _ in range(300):
+            url = " ".join(f"w{rng.randrange(1000)}" for _ in range(rng.randint(0, 4)))
+            text = " ".join(f"w{rng.randrange(1000, 70000)}" for _ in range(rng.randint(1, 30)))
+            f.write(json.dumps({"url": url or None, "text": text}) + "\n")
+    prepare([tmp_path / "docs.jsonl"], tmp_path / "out", big_vocab_tokenizer_dir,
+            prefix_field="url", prefix_template="{}", workers=2, progress=False)
+    eos = 70_001
+    for masked in (True, False):
+        loader = PackedLoader([tmp_path / "out"], 64, 4, num_threads=2, loss_masks=masked)
+        for _ in range(20):
+            batch = next(loader)
+            targets, labels = batch.input_ids[:, 1:], batch.labels[:, :-1]
+            in_prefix = targets < 1000
+            dropped = labels == -100
+            document_end = batch.input_ids[:, :-1] == eos
+            if masked:
+                assert dropped[in_prefix].all()
+                assert torch.equal(dropped, in_prefix | document_end)
+            else:
+                assert torch.equal(dropped, document_end)
+            assert torch.equal(labels[~dropped], targets[~dropped])

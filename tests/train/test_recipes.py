@@ -180,3 +180,33 @@ def assert_resumes_exactly(setup, tmp_path, kill_steps, *, extra="", overrides=(
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         got = load_file(run_dir / final)
         assert all(torch.equal(got[k], want[k]) for k in want), kill_step
+
+
+def test_metadata_conditioning_then_cooldown_runs_end_to_end(setup, tmp_path,
+                                                            tokenizer_dir):
+    # MeCo: documents with their source prefixed (kept out of the loss) for the first 75 %,
+    # the same documents without it for the cooldown.
+    import json as json_module
+    import random
+
+    from cptfast.data import prepare
+    from cptfast.demo import domain_document
+
+    rng = random.Random(1)
+    with open(tmp_path / "web.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json_module.dumps({"url": f"site{i % 7}.example", "text":
+                                       domain_document(rng)}) + "\n")
+    prepare([tmp_path / "web.jsonl"], tmp_path / "meco", tokenizer_dir, prefix_field="url",
+            prefix_template="URL: {}\n\n", workers=1, progress=False)
+    prepare([tmp_path / "web.jsonl"], tmp_path / "plain", tokenizer_dir, workers=1,
+            progress=False)
+    assert (tmp_path / "meco" / "loss_mask").is_dir()
+    config = in_process_config(setup, tmp_path / "run", "--checkpoint.every=0")
+    config.data = train_config.from_dict({"data": {
+        "sources": {"meco": {"path": str(tmp_path / "meco"), "weight": 1.0},
+                    "plain": {"path": str(tmp_path / "plain"), "weight": 0.0}},
+        "phases": [{"at": 0.75, "weights": {"plain": 1.0}}],
+        "eval": {"plain": str(tmp_path / "plain")}, "seq_len": 32, "batch_size": 2}}).data
+    result = train(config.validate())
+    assert result.steps == 8 and result.evals[-1]["plain"] < result.evals[0]["plain"]
