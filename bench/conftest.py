@@ -26,6 +26,17 @@ def record_metric(name: str, value: str, note: str = "") -> None:
     _METRICS.append((name, value, note))
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """For `cptfast bench`: the recorded ratios and values as JSON."""
+    target = os.environ.get("CPTFAST_BENCH_REPORT")
+    if target:
+        with open(target, "w") as f:
+            json.dump({"ratios": [{"name": n, "baseline": b, "ratio": r, "note": note}
+                                  for n, b, r, note in _RATIOS],
+                       "metrics": [{"name": n, "value": v, "note": note}
+                                   for n, v, note in _METRICS]}, f, indent=1)
+
+
 def pytest_terminal_summary(terminalreporter):
     if _RATIOS:
         terminalreporter.section("cptfast: ratios against same-run baselines (higher is better)")

@@ -1,4 +1,5 @@
-"""The `cptfast` command: `train`, `prepare`, `verify`, `demo` and `data-demo`."""
+"""The `cptfast` command: `train`, `prepare`, `verify`, `expand-vocab`, `merge`, `bench`,
+`doctor`, `demo` and `data-demo`."""
 
 from __future__ import annotations
 
@@ -144,6 +145,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cptfast.benchmark import run
+
+    report = run(args.suite, args.preset, args.out)
+    print(f"{len(report['ratios'])} ratios, {len(report['skipped'])} not measured here; "
+          f"report: {args.out}/report.md")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from cptfast.doctor import run
+    return run(compile_kernels=not args.no_compile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cptfast", description="Kernel-accelerated continued pretraining of causal LMs.")
@@ -206,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batches", type=int, default=8, help="batches of 4 rows per set")
     p.set_defaults(run=_cmd_merge)
+
+    p = sub.add_parser("bench", help="run the benchmark suites and write a report")
+    p.add_argument("--suite", action="append",
+                   help="prepare, loader, cross_entropy, attention, hf, train, distributed "
+                        "(repeatable; default: all)")
+    p.add_argument("--preset", default="small", help="smoke, small, medium (the acceptance "
+                   "sizes) or large (%(default)s)")
+    p.add_argument("--out", default="bench-report", help="output directory (%(default)s)")
+    p.set_defaults(run=_cmd_bench)
+
+    p = sub.add_parser("doctor", help="environment and ahead-of-time kernel compilation report")
+    p.add_argument("--no-compile", action="store_true",
+                   help="only the environment (skip compiling the kernels)")
+    p.set_defaults(run=_cmd_doctor)
 
     p = sub.add_parser("demo", help="the built-in offline demo (same as `cptfast train`)")
     p.add_argument("--demo-output", default="cptfast-demo",
