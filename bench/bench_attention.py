@@ -12,21 +12,21 @@ block mask, each when available. Goal on H100 at D=128: >= 0.8x flash-attn 2 var
 import numpy as np
 import pytest
 import torch
-from conftest import SCALE, record_metric, record_ratio
+from conftest import SCALE, record_metric, record_ratio, record_series
 
 from cptfast.kernels.attention import launch_config, live_tiles
 
 ROW, HEAD_DIM = 8192, 128
 
 
-def packed_rows(rows: int, seed: int = 0) -> list[list[int]]:
+def packed_rows(rows: int, seed: int = 0, mean: float = 600) -> list[list[int]]:
     """cu_seqlens of `rows` rows of ROW tokens, documents of lognormal length (mean ~600)."""
     rng = np.random.default_rng(seed)
     layouts = []
     for _ in range(rows):
         bounds = [0]
         while bounds[-1] < ROW:
-            length = int(np.clip(rng.lognormal(np.log(600) - 0.5, 1.0), 1, ROW))
+            length = int(np.clip(rng.lognormal(np.log(mean) - 0.5, 1.0), 1, ROW))
             bounds.append(min(ROW, bounds[-1] + length))
         layouts.append(bounds)
     return layouts
@@ -65,6 +65,17 @@ def test_tiles_and_flops_vs_dense_causal(benchmark):
     record_metric("tile efficiency (visible pairs / visited tile area)",
                   f"{ours_pairs / (ours_tiles * block_m * block_n):.1%}",
                   "the rest is masked work inside boundary tiles")
+    # How the saving depends on the document lengths.
+    tiles_saved, flops_saved = [], []
+    for mean in (100, 300, 600, 1200, 2400, 4800):
+        rows = packed_rows(max(2, int(8 * SCALE)), seed=1, mean=mean)
+        tiles = sum(live_tiles(layout, block_m, block_n) for layout in rows)
+        pairs = sum(visible_pairs(layout) for layout in rows)
+        tiles_saved.append((mean, len(rows) * live_tiles([0, ROW], block_m, block_n) / tiles))
+        flops_saved.append((mean, len(rows) * visible_pairs([0, ROW]) / pairs))
+    record_series("attention work saved vs document length",
+                  f"mean document length (tokens; rows of {ROW})", "dense causal / ours",
+                  {"tiles visited": tiles_saved, "FLOPs of visible pairs": flops_saved})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")

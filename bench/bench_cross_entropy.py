@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SCALE, record_ratio
+from conftest import SCALE, record_ratio, record_series
 
 H, V = 2048, 128_256
 N = max(256, int(4096 * SCALE))
@@ -48,8 +48,8 @@ print(json.dumps({"seconds": seconds, "extra_bytes": peak - before - grads_bytes
 """
 
 
-def run_variant(variant: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _RUN_ONE, variant, str(N), str(H), str(V)],
+def run_variant(variant: str, n: int = N) -> dict:
+    out = subprocess.run([sys.executable, "-c", _RUN_ONE, variant, str(n), str(H), str(V)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -69,6 +69,15 @@ def test_fused_linear_cross_entropy_cpu(benchmark):
     record_ratio("fused linear CE: fwd+bwd time (CPU)", "naive logits + F.cross_entropy",
                  1 / time_ratio, f"{ours['seconds']:.2f} s vs {naive['seconds']:.2f} s = "
                                  f"{time_ratio:.2f}x naive (goal <= 1.1x)")
+    # Extra memory against the number of tokens (the naive logits grow with N, ours do not).
+    sizes = [max(64, N // 8), max(128, N // 4), max(256, N // 2)]
+    curves = {variant: [(n, run_variant(variant, n)["extra_bytes"] / 2**20) for n in sizes]
+              + [(N, result["extra_bytes"] / 2**20)]
+              for variant, result in (("naive", naive), ("fused", ours))}
+    record_series("cross-entropy extra memory vs tokens", f"tokens (H={H}, V={V:,})",
+                  "peak memory beyond inputs and gradients (MiB)",
+                  {"naive logits + F.cross_entropy": curves["naive"],
+                   "cptfast fused linear CE": curves["fused"]})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")

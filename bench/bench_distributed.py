@@ -19,11 +19,12 @@ STEPS = max(4, int(12 * SCALE))
 def run(root, ranks: int, device: str) -> float:
     """Training tokens/s of the loop (from the run's metrics, after the first step)."""
     run_dir = root / f"dist-{ranks}-{device}"
-    overrides = [f'--model.path="{root / "model"}"', f'--data.sources.corpus.path="{root / "shards"}"',
+    overrides = [f'--model.path="{root / "model"}"',
+                 f'--data.sources.corpus.path="{root / "shards"}"',
                  f"--data.seq_len={TRAIN_SEQ_LEN}", "--data.batch_size=2",
                  f"--optim.global_batch_tokens={TRAIN_SEQ_LEN * 4}", f"--train.steps={STEPS}",
                  f'--train.output="{run_dir}"', f'--train.device="{device}"',
-                 '--train.precision="fp32"' if device == "cpu" else '--train.precision="bf16-mixed"',
+                 '--train.precision="%s"' % ("fp32" if device == "cpu" else "bf16-mixed"),
                  "--checkpoint.every=0", "--checkpoint.resume=none", "--logging.progress=false",
                  "--logging.tensorboard=false"]
     launcher = ([sys.executable, "-m", "cptfast"] if ranks == 1 else

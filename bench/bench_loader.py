@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SCALE, record_metric, record_ratio
+from conftest import SCALE, record_metric, record_ratio, record_series
 
 from cptfast.data import PackedLoader
 from cptfast.data.formats import MegatronShardWriter
@@ -120,6 +120,16 @@ def test_expanded_batches(benchmark, corpus):
     if hf_rate is not None:
         record_ratio("expanded batches (tokens/s)", "HF datasets + FlatteningCollator",
                      ours / hf_rate, f"HF {hf_rate / 1e6:,.1f} M/s")
+    # Throughput against the number of gathering threads (0: gathered in __next__).
+    by_threads = []
+    for threads in (0, 1, 2, 4):
+        threaded = PackedLoader([[path]], SEQ_LEN, BATCH, num_threads=threads, prefetch=8,
+                                index_cache=False)
+        by_threads.append((threads, rate(lambda: next(threaded).num_tokens, 1.0) / 1e6))
+    reference_line = [(threads, nanogpt_rate / 1e6) for threads, _ in by_threads]
+    record_series("packed loader throughput vs gathering threads", "gathering threads",
+                  "expanded tokens/s (millions)", {"cptfast PackedLoader": by_threads,
+                                                  "nanoGPT get_batch": reference_line})
 
 
 def hf_flattening_rate(memmap, lengths):

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SCALE, TRAIN_SEQ_LEN as SEQ_LEN, record_ratio
+from conftest import SCALE, TRAIN_SEQ_LEN as SEQ_LEN, record_ratio, record_series
 
 ROWS = 4
 STEPS, WARMUP = max(4, int(16 * SCALE)), 2
@@ -44,6 +44,8 @@ if variant == "cptfast":
     started = time.perf_counter()
     result = train(load(None, common + [f"--train.steps={steps}",
                                         f'--train.output="{work}/run"']))
+    losses = [json.loads(line)["loss"] for line in open(f"{work}/run/metrics.jsonl")
+              if '"eval"' not in line]
     # concat packing: every token is labelled except each document's last (its next token
     # starts another document), the same count the collators give
     labelled = 1 - len(documents) / sum(map(len, documents))
@@ -66,20 +68,23 @@ else:
             useful_counts.append(int((inputs["labels"][..., 1:] != -100).sum()))
             return super().training_step(model, inputs, *args, **kwargs)
     def run(n):
-        args = TrainingArguments(output_dir=f"{work}/{variant}", per_device_train_batch_size=per_step,
+        args = TrainingArguments(output_dir=f"{work}/{variant}",
+                                 per_device_train_batch_size=per_step,
                                  max_steps=n, learning_rate=1e-3, report_to=[], save_strategy="no",
-                                 logging_steps=10_000, use_cpu=True, disable_tqdm=True,
+                                 logging_steps=1, use_cpu=True, disable_tqdm=True,
                                  remove_unused_columns=False, dataloader_drop_last=True)
         trainer = Counting(model=model, args=args, train_dataset=examples, data_collator=collator)
         started = time.perf_counter()
         trainer.train()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, [e["loss"] for e in trainer.state.log_history
+                                               if "loss" in e]
     run(warmup)
     useful_counts.clear()
-    seconds = run(steps)
+    seconds, losses = run(steps)
     useful = sum(useful_counts)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "useful_tokens": useful, "peak_bytes": peak}))
+print(json.dumps({"seconds": seconds, "useful_tokens": useful, "peak_bytes": peak,
+                  "losses": losses}))
 """
 
 
@@ -103,6 +108,11 @@ def test_end_to_end_training_cpu(benchmark, train_inputs):
         record_ratio("train: useful tokens/s (CPU)", f"HF Trainer + {name}",
                      rate["ours"] / rate[name],
                      f"{rate['ours']:,.0f} vs {rate[name]:,.0f} tokens/s (goal >= {goal}x)")
+    record_series("end-to-end training loss", "optimizer step (~4,096 useful tokens each)",
+                  "training loss", {"cptfast train": list(enumerate(ours["losses"], 1)),
+                                    "HF Trainer + flattening":
+                                        list(enumerate(flattening["losses"], 1)),
+                                    "HF Trainer + padding": list(enumerate(padding["losses"], 1))})
     memory = ours["peak_bytes"] / flattening["peak_bytes"]
     record_ratio("train: peak memory (CPU, RSS)", "HF Trainer + flattening", 1 / memory,
                  f"{ours['peak_bytes'] / 2**20:,.0f} MiB vs "

@@ -14,6 +14,7 @@ SCALE = float(os.environ.get("CPTFAST_BENCH_SCALE", "1.0"))
 TRAIN_VOCAB, TRAIN_SEQ_LEN = 32_000, 1024  # the training benchmarks' corpus and rows
 _RATIOS: list[tuple[str, str, float, str]] = []
 _METRICS: list[tuple[str, str, str]] = []
+_SERIES: list[dict] = []
 
 
 def record_ratio(name: str, baseline: str, ratio: float, note: str = "") -> None:
@@ -26,6 +27,13 @@ def record_metric(name: str, value: str, note: str = "") -> None:
     _METRICS.append((name, value, note))
 
 
+def record_series(name: str, x_label: str, y_label: str, lines: dict[str, list]) -> None:
+    """Remember curves {label: [(x, y), ...]} for the report's plots (one PNG per name)."""
+    _SERIES.append({"name": name, "x": x_label, "y": y_label,
+                    "lines": {label: [[float(x), float(y)] for x, y in points]
+                              for label, points in lines.items()}})
+
+
 def pytest_sessionfinish(session, exitstatus):
     """For `cptfast bench`: the recorded ratios and values as JSON."""
     target = os.environ.get("CPTFAST_BENCH_REPORT")
@@ -34,7 +42,8 @@ def pytest_sessionfinish(session, exitstatus):
             json.dump({"ratios": [{"name": n, "baseline": b, "ratio": r, "note": note}
                                   for n, b, r, note in _RATIOS],
                        "metrics": [{"name": n, "value": v, "note": note}
-                                   for n, v, note in _METRICS]}, f, indent=1)
+                                   for n, v, note in _METRICS],
+                       "series": _SERIES}, f, indent=1)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,7 +1,8 @@
 """`cptfast bench`: runs the benchmark suites of `bench/` (pytest-benchmark, every ratio
 measured against its baseline in the same run) at a size preset and writes ``report.md``,
-``report.json`` and a plot of the ratios. Baselines that cannot run here (no GPU, not
-installed) are listed with the reason pytest gave for skipping them."""
+``report.json`` and plots (the ratios, and the curves the suites record). Baselines that
+cannot run here (no GPU, not installed) are listed with the reason pytest gave for skipping
+them."""
 
 from __future__ import annotations
 
@@ -56,8 +57,10 @@ def run(suites: list[str] | None, preset: str, out: str | Path) -> dict:
               "skipped": [{"where": m.group(1), "reason": m.group(2)}
                           for m in map(_SKIP.match, done.stdout.splitlines()) if m]}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    plots = _plot(report, out)
+    report["plots"] = [p.name for p in plots]
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(_markdown(report))
-    _plot(report, out / "ratios.png")
     return report
 
 
@@ -71,6 +74,7 @@ def _markdown(report: dict) -> str:
     if report["metrics"]:
         lines += ["", "| measured | value | details |", "|---|---|---|"]
         lines += [f"| {m['name']} | {m['value']} | {m['note']} |" for m in report["metrics"]]
+    lines += [f"\n![{name}]({name})" for name in report.get("plots", [])]
     lines += ["", "## Not measured here", ""]
     lines += [f"- {s['where']}: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
     lines += ["", "## Environment", "", "| | |", "|---|---|"]
@@ -78,23 +82,40 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, target: Path) -> None:
+def _plot(report: dict, out: Path) -> list[Path]:
+    """ratios.png (every ratio) and one PNG per recorded series; none without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return []
+    written = []
     ratios = report["ratios"]
-    if not ratios:
-        return
-    figure, axes = plt.subplots(figsize=(8, 0.4 * len(ratios) + 1.2))
-    labels = [f"{r['name']}\nvs {r['baseline']}" for r in ratios]
-    axes.barh(range(len(ratios)), [r["ratio"] for r in ratios])
-    axes.set_yticks(range(len(ratios)), labels, fontsize=7)
-    axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_xscale("log")
-    axes.set_xlabel("ours / baseline (higher is better)")
+    if ratios:
+        figure, axes = plt.subplots(figsize=(8, 0.4 * len(ratios) + 1.2))
+        labels = [f"{r['name']}\nvs {r['baseline']}" for r in ratios]
+        axes.barh(range(len(ratios)), [r["ratio"] for r in ratios])
+        axes.set_yticks(range(len(ratios)), labels, fontsize=7)
+        axes.axvline(1.0, color="black", linewidth=0.8)
+        axes.set_xscale("log")
+        axes.set_xlabel("ours / baseline (higher is better)")
+        written.append(_save(figure, plt, out / "ratios.png"))
+    for series in report.get("series", []):
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for label, points in series["lines"].items():
+            axes.plot(*zip(*points), marker="o", label=label)
+        axes.set_xlabel(series["x"])
+        axes.set_ylabel(series["y"])
+        axes.set_title(series["name"])
+        axes.legend()
+        slug = re.sub(r"[^a-z0-9]+", "-", series["name"].lower()).strip("-")
+        written.append(_save(figure, plt, out / f"{slug}.png"))
+    return written
+
+
+def _save(figure, plt, target: Path) -> Path:
     figure.tight_layout()
     figure.savefig(target, dpi=110)
     plt.close(figure)
+    return target

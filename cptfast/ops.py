@@ -156,8 +156,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     multiple of Hkv, D <= 256), document d = tokens ``cu_seqlens[d]:cu_seqlens[d+1]`` (int32),
     ``max_seqlen`` >= the longest document. Query i sees key j of its own document when j <= i
     (``causal``) and i - j <= ``window`` (if set: itself and ``window`` tokens before);
-    ``softcap`` c turns the scaled scores s into c·tanh(s/c) (Gemma 2). Returns [T, Hq, D]. Triton on CUDA (or flash-attn's varlen kernel with
-    CPTFAST_ATTENTION=flash_attn when installed), the per-document reference on the CPU."""
+    ``softcap`` c turns the scaled scores s into c·tanh(s/c) (Gemma 2). Returns [T, Hq, D].
+    Triton on CUDA (or flash-attn's varlen kernel with CPTFAST_ATTENTION=flash_attn when
+    installed), the per-document reference on the CPU."""
     _check_attention(q, k, v, cu_seqlens, max_seqlen, window)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive (or None), got {softcap}")

@@ -75,7 +75,8 @@ class _RotaryInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return rotate_(grad.clone(memory_format=torch.contiguous_format), cos, sin, True), None, None
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        return rotate_(grad, cos, sin, True), None, None
 
 
 def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
