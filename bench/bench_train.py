@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from conftest import SCALE, TRAIN_SEQ_LEN as SEQ_LEN, record_ratio, record_series
 
 ROWS = 4

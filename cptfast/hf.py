@@ -50,7 +50,6 @@ FAMILIES = {  # config.model_type -> facts
 
 @dataclass
 class _State:
-    family: Family
     attention: bool
     loss: bool
     rope: bool
@@ -79,7 +78,7 @@ def accelerate(model, *, attention: bool = True, loss: bool = True, rope: bool =
     if rope:
         _install_rotary(family)
         hooks = _rotary_hooks(model, family)
-    model._cptfast = _State(family, attention, loss, rope, original_attention, hooks)
+    model._cptfast = _State(attention, loss, rope, original_attention, hooks)
     return model
 
 

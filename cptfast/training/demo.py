@@ -16,7 +16,6 @@ checkpoint loaded back with `AutoModelForCausalLM`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass

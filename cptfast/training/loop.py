@@ -28,8 +28,10 @@ from cptfast.errors import NonFiniteLossError
 from cptfast.training import checkpoint, recipes
 from cptfast.training.config import Config, to_dict
 from cptfast.training.distributed import Context, unwrap, wrap
-from cptfast.training.evaluation import autocast, check_vocabulary, eval_loss, held_out_batches
-from cptfast.training.metrics import MetricsLog, model_flops_per_token, peak_flops, peak_memory
+from cptfast.training.evaluation import (autocast, check_vocabulary, eval_loss,
+                                         held_out_batches)
+from cptfast.training.metrics import (MetricsLog, model_flops_per_token, peak_flops,
+                                      peak_memory)
 from cptfast.training.schedule import lr_at
 
 

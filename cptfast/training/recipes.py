@@ -77,8 +77,9 @@ def stages(config: Config) -> list[tuple[int, int, int]]:
 
 def stage_at(config: Config, step: int) -> tuple[int, int, int]:
     """(stage index, seq_len, batch_size) in effect for optimizer step ``step``."""
-    index = max(i for i, (start, _, _) in enumerate(stages(config)) if start <= step)
-    _, seq_len, batch_size = stages(config)[index]
+    found = stages(config)
+    index = max(i for i, (start, _, _) in enumerate(found) if start <= step)
+    _, seq_len, batch_size = found[index]
     return index, seq_len, batch_size
 
 
