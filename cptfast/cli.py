@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", help="input files or directories")
     p.add_argument("--output", required=True, help="shard directory to create")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column (text)")
-    p.add_argument("--prefix-field", default=None,
+    p.add_argument("--prefix-field", "--metadata-field", dest="prefix_field", default=None,
                    help="a field put before the text and kept out of the loss (e.g. url: "
                         "metadata conditioning); writes OUTPUT/loss_mask")
     p.add_argument("--prefix-template", default="{}\n\n",

@@ -182,6 +182,8 @@ def _encode_batch(items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
                             verbose=False)["input_ids"]
         encoded, masks = [], []
         for head, body in zip(heads, bodies):  # an empty prefix: just the BOS, if any
+            if head and head[-1] == _eos_id:  # tokenizers that append EOS: only at the end
+                head = head[:-1]
             encoded.append(head + body)
             masks.append([0] * len(head) + [1] * len(body))
     else:

@@ -285,3 +285,31 @@ def test_staging_of_a_live_run_is_left_alone(tmp_path, tokenizer_dir):
     (tmp_path / "in.txt").write_text("x")
     prepare([tmp_path / "in.txt"], tmp_path / "out", tokenizer_dir, workers=1)
     assert live.is_dir()
+
+
+@pytest.mark.parametrize("appends_eos", [False, True])
+def test_cli_metadata_field_writes_loss_masks(tmp_path, tokenizer_dir, appends_eos):
+    # `--metadata-field` (the MeCo name) is `--prefix-field`: the prefix is tokenized before the
+    # text and its tokens are marked 0 in loss_mask/, the text's 1. A tokenizer that appends EOS
+    # (T5-style) must not leave one between prefix and text.
+    if appends_eos:
+        from tokenizers import processors
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A <|eos|>", special_tokens=[("<|bos|>", bos), ("<|eos|>", eos)])
+        tok.save_pretrained(str(tmp_path / "tokenizer"))
+        tokenizer_dir = tmp_path / "tokenizer"
+    (tmp_path / "in.jsonl").write_text('{"url": "example.org", "text": "alpha beta"}\n')
+    args = ["prepare", "--tokenizer", str(tokenizer_dir), "--input", str(tmp_path / "in.jsonl"),
+            "--output", str(tmp_path / "out"), "--metadata-field", "url",
+            "--prefix-template", "{} ", "--workers", "1", "--no-progress"]
+    assert cli_main(args) == 0
+    [tokens] = read_all(tmp_path / "out")
+    mask = open_shard(tmp_path / "out" / "loss_mask" / "part-00000.bin")[0].tolist()
+    prefix = oracle_ids(tokenizer_dir, ["example.org "])[0][:-1]  # without its EOS
+    eos = AutoTokenizer.from_pretrained(str(tokenizer_dir)).eos_token_id
+    assert tokens[:len(prefix)] == prefix and len(mask) == len(tokens)
+    assert mask == [0] * len(prefix) + [1] * (len(tokens) - len(prefix))
+    assert tokens.count(eos) == 1 and tokens[-1] == eos
