@@ -1,12 +1,14 @@
 """`cptfast bench`: runs the benchmark suites of `bench/` (pytest-benchmark, every ratio
 measured against its baseline in the same run) at a size preset and writes ``report.md``,
-``report.json`` and plots (the ratios, and the curves the suites record). Baselines that
-cannot run here (no GPU, not installed) are listed with the reason pytest gave for skipping
-them."""
+``report.json`` and plots (the ratios, the curves the suites record, and a roofline of every
+timed operation against the device's measured peaks). CPU timings are medians of repeats run
+in fresh processes, GPU timings medians of CUDA-event timings. Baselines that cannot run here
+(no GPU, not installed) are listed with the reason pytest gave for skipping them."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-PRESETS = {"smoke": 0.02, "small": 0.25, "medium": 1.0, "large": 4.0}
+PRESETS = {"smoke": 0.02, "small": 0.25, "medium": 1.0, "large": 4.0}  # size scale
+REPEATS = {"smoke": 1, "small": 3, "medium": 3, "large": 5}  # of each CPU timing (median)
 SUITES = ("prepare", "loader", "cross_entropy", "attention", "hf", "train", "distributed")
 _SKIP = re.compile(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)$")
 
@@ -27,7 +30,11 @@ def bench_directory() -> Path:
     return directory
 
 
-def run(suites: list[str] | None, preset: str, out: str | Path) -> dict:
+def run(suites: list[str] | None, preset: str, out: str | Path,
+        repeats: int | None = None) -> dict:
+    repeats = repeats or REPEATS.get(preset, 1)
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     unknown = set(suites or []) - set(SUITES)
@@ -38,6 +45,7 @@ def run(suites: list[str] | None, preset: str, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files = [str(bench / f"bench_{suite}.py") for suite in (suites or SUITES)]
     env = {**os.environ, "CPTFAST_BENCH_SCALE": str(PRESETS[preset]),
+           "CPTFAST_BENCH_REPEATS": str(repeats),
            "CPTFAST_BENCH_REPORT": str(out / "recorded.json")}
     env.pop("TRITON_INTERPRET", None)
     started = time.time()
@@ -51,7 +59,8 @@ def run(suites: list[str] | None, preset: str, out: str | Path) -> dict:
                            f"{out / 'pytest.log'}:\n{done.stdout[-2000:]}")
     recorded = json.loads((out / "recorded.json").read_text())
     from cptfast.doctor import environment
-    report = {"preset": preset, "scale": PRESETS[preset], "suites": suites or list(SUITES),
+    report = {"preset": preset, "scale": PRESETS[preset], "repeats": repeats,
+              "suites": suites or list(SUITES),
               "seconds": round(time.time() - started, 1),
               "environment": dict(environment()), **recorded,
               "skipped": [{"where": m.group(1), "reason": m.group(2)}
@@ -64,16 +73,85 @@ def run(suites: list[str] | None, preset: str, out: str | Path) -> dict:
     return report
 
 
+def measure_peaks(device: str = "cpu") -> dict:
+    """What the device achieves at best, measured (the roofline's two ceilings): dense matmul
+    FLOP/s (bf16 on a GPU, fp32 on the CPU) and memory bandwidth (a copy far larger than the
+    caches, read + write bytes), each the median of repeats."""
+    import torch
+
+    if device.startswith("cuda"):
+        import triton.testing
+
+        def median_seconds(fn):
+            return triton.testing.do_bench(fn, return_mode="median") / 1e3
+        n, dtype, copy_elements = 8192, torch.bfloat16, 2**29  # 1 GiB of bf16
+    else:
+        def median_seconds(fn):
+            fn()
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - started)
+            return sorted(times)[2]
+        n, dtype, copy_elements = 2048, torch.float32, 2**26  # 256 MiB of fp32
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    source = torch.ones(copy_elements, device=device, dtype=dtype)
+    target = torch.empty_like(source)
+    flops = 2 * n**3 / median_seconds(lambda: torch.mm(a, b))
+    bandwidth = 2 * source.nbytes / median_seconds(lambda: target.copy_(source))
+    return {"device": device, "flops_per_s": flops, "bytes_per_s": bandwidth,
+            "how": f"{n}x{n} {str(dtype).removeprefix('torch.')} matmul; copy of "
+                   f"{source.nbytes / 2**20:,.0f} MiB"}
+
+
+def roofline_point(flops: float, bytes_moved: float, seconds: float, peaks: dict) -> dict:
+    """Where one timed operation sits under the roofline: its arithmetic intensity (FLOPs per
+    byte it must move at the least), the FLOP/s it achieved, the fraction of the measured
+    matmul peak (MFU) and of the roofline's bound at its intensity."""
+    intensity = flops / bytes_moved
+    bound = min(peaks["flops_per_s"], intensity * peaks["bytes_per_s"])
+    achieved = flops / seconds
+    return {"flops": flops, "bytes": bytes_moved, "seconds": seconds,
+            "intensity": intensity, "flops_per_s": achieved,
+            "of_peak": achieved / peaks["flops_per_s"], "of_bound": achieved / bound,
+            "bound": "compute" if bound == peaks["flops_per_s"] else "memory"}
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if math.isfinite(value) else "not measured"
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:,.2f} {prefix}{unit}"
+    return f"{value:,.2f} {unit}"
+
+
 def _markdown(report: dict) -> str:
     lines = [f"# cptfast benchmark report ({report['preset']} preset, scale "
-             f"{report['scale']})", "",
+             f"{report['scale']}, median of {report.get('repeats', 1)} repeat(s) per CPU "
+             "timing)", "",
              "Every ratio is ours / baseline, both measured in this run (higher is better).", "",
              "| benchmark | baseline | ratio | details |", "|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['baseline']} | {r['ratio']:.2f}x | {r['note']} |"
+    lines += [f"| {r['name']} | {r['baseline']} | {_ratio(r['ratio'])} | {r['note']} |"
               for r in report["ratios"]]
     if report["metrics"]:
         lines += ["", "| measured | value | details |", "|---|---|---|"]
         lines += [f"| {m['name']} | {m['value']} | {m['note']} |" for m in report["metrics"]]
+    if report.get("roofline"):
+        lines += ["", "## Roofline", "",
+                  "FLOPs and bytes are what the operation must do at the least (bytes: its "
+                  "inputs read and outputs written once); peaks are measured in this run: "]
+        lines += [f"- {p['device']}: {_si(p['flops_per_s'], 'FLOP/s')}, "
+                  f"{_si(p['bytes_per_s'], 'B/s')} ({p['how']})" for p in report["peaks"]]
+        lines += ["", "| operation | variant | device | FLOPs | bytes | FLOP/B | achieved | "
+                  "of peak (MFU) | of roofline bound |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['variant']} | {r['device']} | {_si(r['flops'], '')} | "
+                  f"{_si(r['bytes'], 'B')} | {r['intensity']:,.1f} | "
+                  f"{_si(r['flops_per_s'], 'FLOP/s')} | {r['of_peak']:.1%} | "
+                  f"{r['of_bound']:.1%} ({r['bound']}) |" for r in report["roofline"]]
     lines += [f"\n![{name}]({name})" for name in report.get("plots", [])]
     lines += ["", "## Not measured here", ""]
     lines += [f"- {s['where']}: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
@@ -91,7 +169,7 @@ def _plot(report: dict, out: Path) -> list[Path]:
     except ImportError:
         return []
     written = []
-    ratios = report["ratios"]
+    ratios = [r for r in report["ratios"] if math.isfinite(r["ratio"])]
     if ratios:
         figure, axes = plt.subplots(figsize=(8, 0.4 * len(ratios) + 1.2))
         labels = [f"{r['name']}\nvs {r['baseline']}" for r in ratios]
@@ -101,6 +179,10 @@ def _plot(report: dict, out: Path) -> list[Path]:
         axes.set_xscale("log")
         axes.set_xlabel("ours / baseline (higher is better)")
         written.append(_save(figure, plt, out / "ratios.png"))
+    for peaks in report.get("peaks", []):
+        points = [r for r in report.get("roofline", []) if r["device"] == peaks["device"]]
+        if points:
+            written.append(_roofline_plot(plt, peaks, points, out))
     for series in report.get("series", []):
         figure, axes = plt.subplots(figsize=(7, 4))
         for label, points in series["lines"].items():
@@ -112,6 +194,28 @@ def _plot(report: dict, out: Path) -> list[Path]:
         slug = re.sub(r"[^a-z0-9]+", "-", series["name"].lower()).strip("-")
         written.append(_save(figure, plt, out / f"{slug}.png"))
     return written
+
+
+def _roofline_plot(plt, peaks: dict, points: list[dict], out: Path) -> Path:
+    import numpy as np
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    intensities = [p["intensity"] for p in points]
+    ridge = peaks["flops_per_s"] / peaks["bytes_per_s"]
+    x = np.logspace(np.log10(min(intensities + [ridge]) / 4),
+                    np.log10(max(intensities + [ridge]) * 4), 200)
+    axes.plot(x, np.minimum(peaks["flops_per_s"], x * peaks["bytes_per_s"]), color="black",
+              label=f"measured roof ({peaks['how']})")
+    for point in points:
+        axes.scatter(point["intensity"], point["flops_per_s"], zorder=3,
+                     label=f"{point['name']}: {point['variant']}")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("arithmetic intensity (FLOP per byte moved)")
+    axes.set_ylabel("achieved FLOP/s")
+    axes.set_title(f"roofline ({peaks['device']})")
+    axes.legend(fontsize=6)
+    return _save(figure, plt, out / f"roofline-{peaks['device'].replace(':', '')}.png")
 
 
 def _save(figure, plt, target: Path) -> Path:
