@@ -18,7 +18,6 @@ from conftest import SCALE, record_metric, record_ratio, record_series
 
 from cptfast.data import PackedLoader
 from cptfast.data.formats import MegatronShardWriter
-from cptfast.data.loader import expand
 
 SEQ_LEN, BATCH = 2048, 16
 

@@ -54,7 +54,6 @@ if variant == "cptfast":
 else:
     from transformers import (DataCollatorForLanguageModeling, DataCollatorWithFlattening,
                               LlamaForCausalLM, Trainer, TrainingArguments)
-    model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
     per_step = max(1, round(seq_len * rows / (sum(map(len, documents)) / len(documents))))
     examples = [{"input_ids": d} for d in documents]
     if variant == "flattening":
@@ -67,7 +66,8 @@ else:
         def training_step(self, model, inputs, *args, **kwargs):
             useful_counts.append(int((inputs["labels"][..., 1:] != -100).sum()))
             return super().training_step(model, inputs, *args, **kwargs)
-    def run(n):
+    def run(n):  # from the initial weights each time, as the cptfast runs start
+        model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
         args = TrainingArguments(output_dir=f"{work}/{variant}",
                                  per_device_train_batch_size=per_step,
                                  max_steps=n, learning_rate=1e-3, report_to=[], save_strategy="no",

@@ -199,7 +199,7 @@ def _plot(report: dict, out: Path) -> list[Path]:
 def _roofline_plot(plt, peaks: dict, points: list[dict], out: Path) -> Path:
     import numpy as np
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(figsize=(11, 4.5))
     intensities = [p["intensity"] for p in points]
     ridge = peaks["flops_per_s"] / peaks["bytes_per_s"]
     x = np.logspace(np.log10(min(intensities + [ridge]) / 4),
@@ -214,7 +214,7 @@ def _roofline_plot(plt, peaks: dict, points: list[dict], out: Path) -> Path:
     axes.set_xlabel("arithmetic intensity (FLOP per byte moved)")
     axes.set_ylabel("achieved FLOP/s")
     axes.set_title(f"roofline ({peaks['device']})")
-    axes.legend(fontsize=6)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(figure, plt, out / f"roofline-{peaks['device'].replace(':', '')}.png")
 
 

@@ -22,14 +22,40 @@ def test_doctor_reports_the_environment_and_every_shipped_kernel():
 
 
 def test_bench_smoke_preset_writes_a_well_formed_report(tmp_path):
-    done = cptfast("bench", "--suite", "attention", "--suite", "loader", "--preset", "smoke",
-                   "--out", str(tmp_path))
+    from cptfast.benchmark import SUITES
+
+    done = cptfast("bench", "--preset", "smoke", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["preset"] == "smoke" and report["environment"]["torch"]
-    assert report["ratios"] and all(math.isfinite(r["ratio"]) and r["ratio"] > 0
-                                    for r in report["ratios"])
-    for skipped in report["skipped"]:
-        assert skipped["reason"]
+    assert report["preset"] == "smoke" and report["repeats"] == 1
+    assert report["suites"] == list(SUITES) and report["environment"]["torch"]
+    # Every ratio measured here is a positive finite number; what could not run says why.
+    measured = [r for r in report["ratios"] if math.isfinite(r["ratio"])]
+    assert len(measured) >= 15 and all(r["ratio"] > 0 for r in measured)
+    assert all(r["note"] for r in report["ratios"] if not math.isfinite(r["ratio"]))
+    assert report["skipped"] and all(s["reason"] for s in report["skipped"])
+    assert {s["where"].split("::")[0] for s in report["skipped"]} <= {
+        f"bench/bench_{suite}.py" for suite in SUITES}
+    # The roofline: measured CPU peaks, every point under the measured roof (with slack for
+    # timing noise: a peak is a median, not a maximum), all numbers finite and positive.
+    [peaks] = report["peaks"]
+    assert peaks["device"] == "cpu" and peaks["flops_per_s"] > 1e8 and peaks["bytes_per_s"] > 1e8
+    assert {r["name"].split(" (")[0] for r in report["roofline"]} >= {
+        "linear cross-entropy fwd+bwd", "varlen attention fwd+bwd",
+        "transformers training step", "end-to-end training"}
+    for point in report["roofline"]:
+        values = [point[k] for k in ("flops", "bytes", "seconds", "flops_per_s", "of_peak")]
+        assert all(math.isfinite(v) and v > 0 for v in values), point
+        assert point["of_bound"] <= 1.5 and point["bound"] in ("compute", "memory")
+    for series in report["series"]:
+        assert all(math.isfinite(y) for points in series["lines"].values() for _, y in points)
+    losses = next(s for s in report["series"] if s["name"] == "end-to-end training loss")
+    ours = [y for _, y in losses["lines"]["cptfast train"]]
+    assert ours[-1] < ours[0]  # Zipfian words: the loss falls within a few steps
+    assert set(report["plots"]) >= {"ratios.png", "roofline-cpu.png",
+                                    "end-to-end-training-loss.png"}
+    assert all((tmp_path / plot).stat().st_size > 1000 for plot in report["plots"])
     text = (tmp_path / "report.md").read_text()
-    assert "| ratio |" in text and "attention tiles visited" in text
+    for heading in ("| ratio |", "## Roofline", "## Not measured here", "## Environment"):
+        assert heading in text
+    assert "attention tiles visited" in text and "nan" not in text.lower().replace("nanogpt", "")
