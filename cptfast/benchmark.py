@@ -152,7 +152,8 @@ def _markdown(report: dict) -> str:
                   f"{_si(r['bytes'], 'B')} | {r['intensity']:,.1f} | "
                   f"{_si(r['flops_per_s'], 'FLOP/s')} | {r['of_peak']:.1%} | "
                   f"{r['of_bound']:.1%} ({r['bound']}) |" for r in report["roofline"]]
-    lines += [f"\n![{name}]({name})" for name in report.get("plots", [])]
+    lines += [f"\n![{name}]({name})" for name in report.get("plots", [])] or [
+        "", "No plots: matplotlib is not installed (`pip install matplotlib`)."]
     lines += ["", "## Not measured here", ""]
     lines += [f"- {s['where']}: {s['reason']}" for s in report["skipped"]] or ["- nothing"]
     lines += ["", "## Environment", "", "| | |", "|---|---|"]

@@ -4,7 +4,9 @@
 - `Context.start()`: one process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1, with
   a timeout, so that a rank whose peer died fails with a message instead of hanging.
 - `wrap(model)`: DDP, or FSDP2 (`fully_shard` on every decoder layer, then the root) with a
-  mixed-precision policy matching the precision mode and optional CPU offload.
+  mixed-precision policy matching the precision mode and optional CPU offload; with FSDP2 only
+  rank 0 reads the weights, the others build the model on the meta device and receive their
+  shards from it.
 - small reductions for metrics, and the rank-0-only rule for files and the progress bar.
 """
 
@@ -77,15 +79,26 @@ class Context:
         return items
 
 
-def wrap(model, parallel: str, precision: str, context: Context, *, cpu_offload: bool = False):
-    """The model ready for data-parallel training on ``context`` (unchanged when alone)."""
+def wrap(model, parallel: str, precision: str, context: Context, device: torch.device, *,
+         cpu_offload: bool = False):
+    """The model ready for data-parallel training on ``context`` (unchanged when alone).
+
+    For ``fsdp2`` the model comes with its weights on rank 0 only (in CPU memory) and on the
+    meta device elsewhere (see ``loads_on_meta``): each decoder layer and the root are sharded,
+    every rank allocates just its shards on ``device``, and rank 0's weights are scattered
+    into them (and its buffers, e.g. rotary frequencies, broadcast) — no rank ever holds a
+    second full copy, so a model too large for one device still starts."""
     if not context.distributed:
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [context.local_rank] if next(model.parameters()).is_cuda else None
         return DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    full_weights = model.state_dict() if context.main else {}
+    buffers = dict(model.named_buffers(remove_duplicate=False)) if context.main else {}
 
     options = {}
     if precision == "bf16-mixed":  # fp32 master weights, bf16 compute, fp32 gradient reduce
@@ -96,7 +109,22 @@ def wrap(model, parallel: str, precision: str, context: Context, *, cpu_offload:
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
+    model.to_empty(device="cpu" if cpu_offload else device)
+    set_model_state_dict(model, full_weights, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, cpu_offload=cpu_offload))
+    for prefix, module in model.named_modules():  # buffers are not sharded: whole everywhere
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                placed = (buffers[prefix + "." + name if prefix else name].to(device)
+                          if context.main else torch.empty_like(buffer, device=device))
+                dist.broadcast(placed, src=0)
+                module._buffers[name] = placed
     return model
+
+
+def loads_on_meta(parallel: str, context: Context) -> bool:
+    """Whether this rank builds the model without weights (FSDP2 ranks other than 0)."""
+    return context.distributed and parallel == "fsdp2" and not context.main
 
 
 def decoder_layers(model) -> list:

@@ -27,7 +27,7 @@ from cptfast.data.loader import PackedLoader
 from cptfast.errors import NonFiniteLossError
 from cptfast.training import checkpoint, recipes
 from cptfast.training.config import Config, to_dict
-from cptfast.training.distributed import Context, unwrap, wrap
+from cptfast.training.distributed import Context, loads_on_meta, unwrap, wrap
 from cptfast.training.evaluation import (autocast, check_vocabulary, eval_loss,
                                          held_out_batches)
 from cptfast.training.metrics import (MetricsLog, model_flops_per_token, peak_flops,
@@ -72,12 +72,15 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     torch.manual_seed(config.train.seed)
 
     # --- model, tokenizer, optimizer -----------------------------------------------------------
-    model, tokenizer = _load_model(Path(config.model.path), config, device)
+    parallel = config.train.parallel
+    sharded = context.distributed and parallel == "fsdp2"  # weights placed by wrap()
+    model, tokenizer = _load_model(Path(config.model.path), config,
+                                   torch.device("cpu") if sharded else device,
+                                   on_meta=loads_on_meta(parallel, context))
     if tokenizer is None:  # checkpoints carry a tokenizer: the one the shards were made with
         tokenizer = _shard_tokenizer(config)
     flops_per_token = model_flops_per_token(model, config.data.seq_len)
-    parallel = config.train.parallel
-    model = wrap(model, parallel, config.train.precision, context,
+    model = wrap(model, parallel, config.train.precision, context, device,
                  cpu_offload=config.train.cpu_offload)
     new_rows = _new_rows(unwrap(model), config, context)
     optimizer = torch.optim.AdamW(
@@ -337,7 +340,9 @@ def _resume_point(config: Config, run_dir: Path) -> Path | None:
     return path
 
 
-def _load_model(path: Path, config: Config, device: torch.device):
+def _load_model(path: Path, config: Config, device: torch.device, *, on_meta: bool = False):
+    """The model accelerated, on ``device``, or without weights (meta device) for the ranks
+    that receive theirs from rank 0 when sharding; and the tokenizer, if ``path`` has one."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -348,9 +353,14 @@ def _load_model(path: Path, config: Config, device: torch.device):
                                 rope_scaling=config.model.rope_scaling,
                                 max_position_embeddings=config.model.max_position_embeddings)
     dtype = torch.bfloat16 if config.train.precision == "bf16-pure" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=dtype,
-                                                 attn_implementation="sdpa")
-    model.to(device)
+    if on_meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                     attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=dtype,
+                                                     attn_implementation="sdpa")
+        model.to(device)
     hf.accelerate(model, attention=config.model.attention, loss=config.model.loss,
                   rope=config.model.rope)
     if config.model.activation_checkpointing:
