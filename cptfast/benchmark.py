@@ -142,8 +142,9 @@ def _markdown(report: dict) -> str:
         lines += [f"| {m['name']} | {m['value']} | {m['note']} |" for m in report["metrics"]]
     if report.get("roofline"):
         lines += ["", "## Roofline", "",
-                  "FLOPs and bytes are what the operation must do at the least (bytes: its "
-                  "inputs read and outputs written once); peaks are measured in this run: "]
+                  "FLOPs and bytes are what each operation must do at the least (its suite "
+                  "says how it counts them: typically inputs read and outputs written once); "
+                  "the peaks are measured in this run:"]
         lines += [f"- {p['device']}: {_si(p['flops_per_s'], 'FLOP/s')}, "
                   f"{_si(p['bytes_per_s'], 'B/s')} ({p['how']})" for p in report["peaks"]]
         lines += ["", "| operation | variant | device | FLOPs | bytes | FLOP/B | achieved | "

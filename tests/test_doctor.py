@@ -59,3 +59,16 @@ def test_bench_smoke_preset_writes_a_well_formed_report(tmp_path):
     for heading in ("| ratio |", "## Roofline", "## Not measured here", "## Environment"):
         assert heading in text
     assert "attention tiles visited" in text and "nan" not in text.lower().replace("nanogpt", "")
+
+
+def test_roofline_point_against_hand_computed_values():
+    from cptfast.benchmark import roofline_point
+
+    peaks = {"flops_per_s": 1000.0, "bytes_per_s": 10.0}  # ridge at 100 FLOP per byte
+    low = roofline_point(flops=400.0, bytes_moved=20.0, seconds=4.0, peaks=peaks)
+    assert low["intensity"] == 20.0 and low["bound"] == "memory"
+    assert low["flops_per_s"] == 100.0 and low["of_peak"] == 0.1
+    assert low["of_bound"] == 0.5  # the memory roof at intensity 20 is 200 FLOP/s
+    high = roofline_point(flops=4000.0, bytes_moved=8.0, seconds=8.0, peaks=peaks)
+    assert high["intensity"] == 500.0 and high["bound"] == "compute"
+    assert high["of_peak"] == high["of_bound"] == 0.5
