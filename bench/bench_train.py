@@ -19,6 +19,7 @@ tokens/s >= 1.0x the flattening collator and >= 1.5x padding; peak memory <= 0.6
 import json
 import subprocess
 import sys
+import tempfile
 
 from conftest import (SCALE, TRAIN_SEQ_LEN as SEQ_LEN, median_run, record_ratio,
                       record_roofline, record_series)
@@ -89,10 +90,11 @@ print(json.dumps({"seconds": seconds, "useful_tokens": useful, "peak_bytes": pea
 
 
 def run_variant(variant: str, root) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _RUN_ONE, variant, str(root / "corpus.jsonl"),
-         str(root / "shards"), str(root / "model"), str(root / "work"), str(STEPS), str(WARMUP),
-         str(SEQ_LEN), str(ROWS)], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(dir=root) as work:  # a fresh run, never a resumed one
+        out = subprocess.run(
+            [sys.executable, "-c", _RUN_ONE, variant, str(root / "corpus.jsonl"),
+             str(root / "shards"), str(root / "model"), work, str(STEPS), str(WARMUP),
+             str(SEQ_LEN), str(ROWS)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
