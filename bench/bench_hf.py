@@ -19,8 +19,9 @@ from conftest import SCALE, median_run, record_ratio, record_roofline
 SEQ = max(256, int(2048 * SCALE))
 
 _RUN_ONE = r"""
-import json, resource, sys, time, torch, transformers
+import json, sys, time, torch, transformers
 import cptfast
+from cptfast.benchmark import peak_resident_bytes, reset_peak_resident, resident_bytes
 from cptfast.training.metrics import model_flops_per_token
 variant, seq = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
@@ -32,19 +33,18 @@ model = transformers.LlamaForCausalLM(config).train()
 if variant == "accelerated":
     cptfast.accelerate(model)
 ids = torch.randint(0, 32000, (2, seq))
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
 def step():
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     model.zero_grad(set_to_none=False)
     return float(loss)
 step()  # warm-up: gradients allocated, first-call costs paid
-before = rss()
+before = resident_bytes()
+reset_peak_resident()
 started = time.perf_counter()
 loss = step()
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_resident_bytes()
 print(json.dumps({"seconds": seconds, "extra_bytes": peak - before, "loss": loss,
                   "flops": model_flops_per_token(model, seq) * ids.numel(),
                   "bytes": 3 * sum(p.numel() * p.element_size() for p in model.parameters())}))

@@ -28,9 +28,10 @@ ROWS = 4
 STEPS, WARMUP = max(4, int(16 * SCALE)), 2
 
 _RUN_ONE = r"""
-import json, resource, sys, time, warnings
+import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch, transformers
+from cptfast.benchmark import peak_resident_bytes, reset_peak_resident
 variant, corpus, shards, model_dir, work, steps, warmup, seq_len, rows = sys.argv[1:10]
 steps, warmup, seq_len, rows = int(steps), int(warmup), int(seq_len), int(rows)
 transformers.utils.logging.disable_progress_bar()
@@ -42,6 +43,7 @@ if variant == "cptfast":
               '--train.precision="fp32"', "--checkpoint.every=0", "--logging.progress=false",
               "--logging.tensorboard=false", "--schedule.warmup_steps=1", "--optim.lr=1e-3"]
     train(load(None, common + [f"--train.steps={warmup}", f'--train.output="{work}/warm"']))
+    reset_peak_resident()  # the peak of the measured run, not the warm-up's
     started = time.perf_counter()
     result = train(load(None, common + [f"--train.steps={steps}",
                                         f'--train.output="{work}/run"']))
@@ -81,9 +83,10 @@ else:
                                                if "loss" in e]
     run(warmup)
     useful_counts.clear()
+    reset_peak_resident()
     seconds, losses = run(steps)
     useful = sum(useful_counts)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_resident_bytes()
 print(json.dumps({"seconds": seconds, "useful_tokens": useful, "peak_bytes": peak,
                   "losses": losses}))
 """

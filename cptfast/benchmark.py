@@ -73,6 +73,26 @@ def run(suites: list[str] | None, preset: str, out: str | Path,
     return report
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_resident() -> None:
+    """Start a new peak-RSS window (Linux >= 4.0: clear_refs 5 resets VmHWM), so that a peak
+    read after a measured step is that step's, not an earlier warm-up's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory since the last ``reset_peak_resident``."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def measure_peaks(device: str = "cpu") -> dict:
     """What the device achieves at best, measured (the roofline's two ceilings): dense matmul
     FLOP/s (bf16 on a GPU, fp32 on the CPU) and memory bandwidth (a copy far larger than the

@@ -84,10 +84,10 @@ def wrap(model, parallel: str, precision: str, context: Context, device: torch.d
     """The model ready for data-parallel training on ``context`` (unchanged when alone).
 
     For ``fsdp2`` the model comes with its weights on rank 0 only (in CPU memory) and on the
-    meta device elsewhere (see ``loads_on_meta``): each decoder layer and the root are sharded,
-    every rank allocates just its shards on ``device``, and rank 0's weights are scattered
-    into them (and its buffers, e.g. rotary frequencies, broadcast) — no rank ever holds a
-    second full copy, so a model too large for one device still starts."""
+    meta device elsewhere: each decoder layer and the root are sharded, every rank allocates
+    just its shards on ``device``, and rank 0's weights are scattered into them (its buffers,
+    e.g. rotary frequencies, broadcast whole). Only rank 0 ever holds the full weights, and
+    only in CPU memory, so a model larger than one device still starts."""
     if not context.distributed:
         return model
     if parallel == "ddp":
@@ -120,11 +120,6 @@ def wrap(model, parallel: str, precision: str, context: Context, device: torch.d
                 dist.broadcast(placed, src=0)
                 module._buffers[name] = placed
     return model
-
-
-def loads_on_meta(parallel: str, context: Context) -> bool:
-    """Whether this rank builds the model without weights (FSDP2 ranks other than 0)."""
-    return context.distributed and parallel == "fsdp2" and not context.main
 
 
 def decoder_layers(model) -> list:

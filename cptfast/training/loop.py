@@ -27,7 +27,7 @@ from cptfast.data.loader import PackedLoader
 from cptfast.errors import NonFiniteLossError
 from cptfast.training import checkpoint, recipes
 from cptfast.training.config import Config, to_dict
-from cptfast.training.distributed import Context, loads_on_meta, unwrap, wrap
+from cptfast.training.distributed import Context, unwrap, wrap
 from cptfast.training.evaluation import (autocast, check_vocabulary, eval_loss,
                                          held_out_batches)
 from cptfast.training.metrics import (MetricsLog, model_flops_per_token, peak_flops,
@@ -73,10 +73,10 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
 
     # --- model, tokenizer, optimizer -----------------------------------------------------------
     parallel = config.train.parallel
-    sharded = context.distributed and parallel == "fsdp2"  # weights placed by wrap()
+    sharded = context.distributed and parallel == "fsdp2"  # rank 0's weights placed by wrap()
     model, tokenizer = _load_model(Path(config.model.path), config,
                                    torch.device("cpu") if sharded else device,
-                                   on_meta=loads_on_meta(parallel, context))
+                                   on_meta=sharded and not context.main)
     if tokenizer is None:  # checkpoints carry a tokenizer: the one the shards were made with
         tokenizer = _shard_tokenizer(config)
     flops_per_token = model_flops_per_token(model, config.data.seq_len)
