@@ -3,8 +3,9 @@ would otherwise run, same tiny model, same corpus, same batch size in tokens, sa
 
 Corpus: 32,000-word vocabulary (a word-level tokenizer, so the model has a realistic output
 head), documents of lognormal length (median ~200 tokens). Model: Llama-shaped, hidden 256, 4
-layers, 8 / 4 heads, fp32, on the CPU. Each variant runs in its own process (peak RSS is its
-own) for a warm-up and then a fixed number of optimizer steps of ~4,096 useful tokens:
+layers, 8 / 4 heads, fp32, on the CPU. Each variant runs in its own process for a warm-up and
+then a fixed number of optimizer steps of ~4,096 useful tokens (the peak RSS is that of the
+measured run; the time the median of CPTFAST_BENCH_REPEATS runs):
 
 - cptfast: `cptfast.train`, rows of 1,024 tokens, concat packing, document-masked attention,
   fused linear cross-entropy;
