@@ -32,11 +32,11 @@ def bench_directory() -> Path:
 
 def run(suites: list[str] | None, preset: str, out: str | Path,
         repeats: int | None = None) -> dict:
-    repeats = repeats or REPEATS.get(preset, 1)
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    repeats = REPEATS[preset] if repeats is None else repeats
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     unknown = set(suites or []) - set(SUITES)
     if unknown:
         raise ValueError(f"unknown suites {sorted(unknown)}; choose from {', '.join(SUITES)}")
@@ -65,9 +65,7 @@ def run(suites: list[str] | None, preset: str, out: str | Path,
               "environment": dict(environment()), **recorded,
               "skipped": [{"where": m.group(1), "reason": m.group(2)}
                           for m in map(_SKIP.match, done.stdout.splitlines()) if m]}
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    plots = _plot(report, out)
-    report["plots"] = [p.name for p in plots]
+    report["plots"] = [p.name for p in _plot(report, out)]
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(_markdown(report))
     return report

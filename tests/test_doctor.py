@@ -72,3 +72,16 @@ def test_roofline_point_against_hand_computed_values():
     high = roofline_point(flops=4000.0, bytes_moved=8.0, seconds=8.0, peaks=peaks)
     assert high["intensity"] == 500.0 and high["bound"] == "compute"
     assert high["of_peak"] == high["of_bound"] == 0.5
+
+
+def test_bench_rejects_bad_arguments_before_running_anything(tmp_path):
+    import pytest
+
+    from cptfast.benchmark import run
+
+    for arguments, message in (({"preset": "huge"}, "preset must be one of"),
+                               ({"preset": "smoke", "repeats": 0}, "repeats must be at least 1"),
+                               ({"preset": "smoke", "suites": ["gpu"]}, "unknown suites")):
+        with pytest.raises(ValueError, match=message):
+            run(arguments.pop("suites", None), out=tmp_path / "report", **arguments)
+    assert not (tmp_path / "report").exists()
