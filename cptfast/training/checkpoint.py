@@ -102,14 +102,14 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
     return final
 
 
-def load(checkpoint: str | Path, model, optimizer, context, ema: dict | None = None) -> dict:
+def load(checkpoint: str | Path, meta: dict, model, optimizer, context,
+         ema: dict | None = None) -> None:
     """Restore model, optimizer and ``ema`` (in place; resharded to this world size) and this
-    rank's RNG state from a checkpoint; returns its trainer state. An EMA the checkpoint lacks
-    stays as given."""
+    rank's RNG state from a checkpoint whose trainer state (``load_state``) is ``meta``. An
+    EMA the checkpoint lacks stays as given."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta = load_state(checkpoint)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     if ema is not None and meta.get("has_ema"):
@@ -120,7 +120,6 @@ def load(checkpoint: str | Path, model, optimizer, context, ema: dict | None = N
                    optim_state_dict=state["optimizer"])
     if context.rank < len(meta["rng"]):  # a new rank (more ranks than before) keeps its seed
         _set_rng_state(meta["rng"][context.rank])
-    return meta
 
 
 def load_state(checkpoint: str | Path) -> dict:

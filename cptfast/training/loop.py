@@ -68,7 +68,8 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     resume_from = _resume_point(config, run_dir)
-    resume_step = checkpoint.load_state(resume_from)["step"] if resume_from else 0
+    state = checkpoint.load_state(resume_from) if resume_from else None
+    resume_step = state["step"] if state else 0
     torch.manual_seed(config.train.seed)
 
     # --- model, tokenizer, optimizer -----------------------------------------------------------
@@ -122,7 +123,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     evals: list[dict] = []
     ema = _ema_start(model, config)
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, context, ema=ema)
+        checkpoint.load(resume_from, state, model, optimizer, context, ema=ema)
         loader.load_state_dict(state["loader"])
         step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
         evals = state["evals"]
