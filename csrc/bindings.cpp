@@ -30,6 +30,13 @@ TokenType parse_token_type(const std::string& name) {
   throw py::value_error("dtype must be 'uint16', 'uint32' or 'int32', got '" + name + "'");
 }
 
+cptfast::DelimiterRole parse_role(const std::string& role) {
+  if (role.empty()) return cptfast::DelimiterRole::kNone;
+  if (role == "end") return cptfast::DelimiterRole::kEnd;
+  if (role == "start") return cptfast::DelimiterRole::kStart;
+  throw py::value_error("delimiter_role must be 'end' or 'start', got '" + role + "'");
+}
+
 py::array readonly_view(py::dtype dtype, int64_t count, const void* data, py::handle owner) {
   py::array view(dtype, {count}, {dtype.itemsize()}, data, owner);
   py::detail::array_proxy(view.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
@@ -145,12 +152,32 @@ PYBIND11_MODULE(_C, m) {
                                  case ShardKind::kMegatron: return "megatron";
                                  case ShardKind::kLlmc: return "llmc";
                                  case ShardKind::kHeaderless: return "headerless";
+                                 case ShardKind::kDatatrove: return "datatrove";
                                }
                                return "?";
                              })
       .def_property_readonly("dtype", [](const TokenShard& s) { return cptfast::token_type_name(s.token_type()); })
       .def_property_readonly("num_tokens", &TokenShard::num_tokens)
       .def_property_readonly("num_documents", &TokenShard::num_documents)
+      .def_property_readonly("document_tokens", &TokenShard::document_tokens,
+                             "Tokens inside documents (num_tokens less a leading end-of-text)")
+      .def_property_readonly("delimiter",
+                             [](const TokenShard& s) -> py::object {
+                               if (s.delimiter_role() == cptfast::DelimiterRole::kNone) return py::none();
+                               return py::int_(s.delimiter());
+                             },
+                             "The token that splits documents (None: an index gives them)")
+      .def_property_readonly("delimiter_role",
+                             [](const TokenShard& s) -> py::object {
+                               switch (s.delimiter_role()) {
+                                 case cptfast::DelimiterRole::kEnd: return py::str("end");
+                                 case cptfast::DelimiterRole::kStart: return py::str("start");
+                                 default: return py::none();
+                               }
+                             },
+                             "'end' (the delimiter is a document's last token), 'start', or None")
+      .def_property_readonly("cut_documents", &TokenShard::cut_documents,
+                             "Documents cut by the file's edges (0, 1 or 2)")
       .def("__len__", &TokenShard::num_documents)
       .def("document", &document_view, py::arg("i"), "Document i as a read-only numpy view.")
       .def("__getitem__", &document_view)
@@ -177,18 +204,34 @@ PYBIND11_MODULE(_C, m) {
   m.def("open_megatron", &TokenShard::open_megatron, py::arg("bin_path"), py::arg("idx_path"),
         py::call_guard<py::gil_scoped_release>(),
         "Open a Megatron MMIDIDX .bin/.idx pair (cptfast's native shard layout).");
-  m.def("open_llmc", &TokenShard::open_llmc, py::arg("path"), py::arg("delimiter") = -1,
-        py::call_guard<py::gil_scoped_release>(),
-        "Open an llm.c .bin shard; documents start at each delimiter token (default: the "
-        "magic's own: 50256 for GPT-2, 128000 for Llama-3).");
+  m.def("open_llmc",
+        [](const std::string& path, int64_t delimiter, const std::string& role) {
+          const auto parsed = parse_role(role);
+          py::gil_scoped_release release;
+          return TokenShard::open_llmc(path, delimiter, parsed);
+        },
+        py::arg("path"), py::arg("delimiter") = -1, py::arg("delimiter_role") = "",
+        "Open an llm.c .bin shard split at each delimiter (default: the magic's own: GPT-2's "
+        "end-of-text 50256 ends a document, Llama-3's BOS 128000 begins one).");
   m.def("open_headerless",
-        [](const std::string& path, const std::string& dtype, int64_t eos_id) {
+        [](const std::string& path, const std::string& dtype, int64_t eos_id,
+           const std::string& role) {
+          TokenType type = parse_token_type(dtype);
+          const auto parsed = parse_role(role);
+          py::gil_scoped_release release;
+          return TokenShard::open_headerless(path, type, eos_id, parsed);
+        },
+        py::arg("path"), py::arg("dtype"), py::arg("eos_id"), py::arg("delimiter_role") = "",
+        "Open a headerless token file; each eos_id token ends a document (or, with "
+        "delimiter_role='start', begins one).");
+  m.def("open_datatrove",
+        [](const std::string& path, const std::string& index_path, const std::string& dtype) {
           TokenType type = parse_token_type(dtype);
           py::gil_scoped_release release;
-          return TokenShard::open_headerless(path, type, eos_id);
+          return TokenShard::open_datatrove(path, index_path, type);
         },
-        py::arg("path"), py::arg("dtype"), py::arg("eos_id"),
-        "Open a headerless token file; each eos_id token ends a document.");
+        py::arg("path"), py::arg("index_path"), py::arg("dtype"),
+        "Open a datatrove .ds token file with its .ds.index of uint64 document ends.");
 
   // std::invalid_argument from the index and loader arrives in Python as ValueError.
   py::class_<Source, std::shared_ptr<Source>>(m, "Source",

@@ -32,14 +32,10 @@ PackedLoader::PackedLoader(std::vector<std::shared_ptr<Source>> sources,
     throw std::invalid_argument("rank must lie in [0, world_size)");
   }
   if (options_.prefetch < 1) throw std::invalid_argument("prefetch must be at least 1");
-  token_type_ = sources[0]->token_type();
+  std::vector<TokenType> types;
+  for (const auto& source : sources) types.push_back(source->token_type());
+  token_type_ = common_token_type(types);  // sources of other dtypes are widened when gathered
   for (size_t s = 0; s < sources.size(); ++s) {
-    if (sources[s]->token_type() != token_type_) {
-      throw std::invalid_argument(
-          "source " + std::to_string(s) + " holds " + token_type_name(sources[s]->token_type()) +
-          " tokens but source 0 holds " + token_type_name(token_type_) +
-          "; every source must be prepared with the same tokenizer");
-    }
     streams_.push_back(std::make_unique<SourceStream>(sources[s], s, options_.packing,
                                                       options_.seq_len, options_.window,
                                                       options_.seed,
@@ -100,7 +96,7 @@ std::unique_ptr<CompactBatch> PackedLoader::gather(const Plan& plan) {
   for (int64_t b = 0; b < rows; ++b) {
     RowSink sink{batch->tokens.data() + b * slots * isz, &batch->segment_starts};
     batch->row_used[b] = streams_[plan.source[b]]->fill_row(plan.source_row[b], sink,
-                                                            options_.pad_id);
+                                                            token_type_, options_.pad_id);
     batch->row_segments.push_back(static_cast<int32_t>(batch->segment_starts.size()));
   }
   batch->row_source = plan.source;

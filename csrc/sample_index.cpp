@@ -14,17 +14,22 @@
 
 namespace cptfast {
 
+TokenType common_token_type(const std::vector<TokenType>& types) {
+  bool mixed = false, wide = false;
+  for (TokenType t : types) {
+    mixed = mixed || t != types[0];
+    wide = wide || token_itemsize(t) == 8;
+  }
+  if (!mixed) return types[0];
+  return wide ? TokenType::kI64 : TokenType::kU32;  // ids are non-negative (vocabulary-checked)
+}
+
 Source::Source(std::vector<std::shared_ptr<TokenShard>> shards) : shards_(std::move(shards)) {
   if (shards_.empty()) throw std::invalid_argument("a source needs at least one shard file");
-  token_type_ = shards_[0]->token_type();
+  std::vector<TokenType> types;
   first_doc_.push_back(0);
   for (const auto& shard : shards_) {
-    if (shard->token_type() != token_type_) {
-      throw std::invalid_argument(
-          shard->path() + " holds " + token_type_name(shard->token_type()) + " tokens but " +
-          shards_[0]->path() + " holds " + token_type_name(token_type_) +
-          "; all files of a source must share one token type (re-run `cptfast prepare`)");
-    }
+    types.push_back(shard->token_type());
     const auto& offsets = shard->document_offsets();
     for (size_t d = 0; d + 1 < offsets.size(); ++d) {
       const int64_t length = offsets[d + 1] - offsets[d];
@@ -34,9 +39,10 @@ Source::Source(std::vector<std::shared_ptr<TokenShard>> shards) : shards_(std::m
       }
       lengths_.push_back(static_cast<int32_t>(length));
     }
-    num_tokens_ += shard->num_tokens();
+    num_tokens_ += shard->document_tokens();
     first_doc_.push_back(static_cast<int64_t>(lengths_.size()));
   }
+  token_type_ = common_token_type(types);
   if (lengths_.size() >= (1ull << 32)) {
     throw std::invalid_argument("a source may hold at most 2^32 - 1 documents; split it");
   }
@@ -46,11 +52,31 @@ Source::Source(std::vector<std::shared_ptr<TokenShard>> shards) : shards_(std::m
   }
 }
 
-const uint8_t* Source::data(int64_t doc) const {
+void Source::copy_tokens(int64_t doc, int64_t offset, int64_t count, uint8_t* out,
+                         TokenType out_type) const {
+  if (doc < 0 || doc >= num_documents() || offset < 0 || count < 0 ||
+      offset + count > lengths_[doc]) {
+    throw ShardError(
+        "source " + first_path() + ": tokens [" + std::to_string(offset) + ", " +
+        std::to_string(offset + count) + ") of document " + std::to_string(doc) +
+        " are outside the source (" + std::to_string(num_documents()) + " documents" +
+        (doc >= 0 && doc < num_documents() ? ", this one of " + std::to_string(lengths_[doc]) +
+                                                 " tokens"
+                                           : std::string()) +
+        "): the epoch index does not belong to these shards. Delete the loader's index cache "
+        "(index_cache=, default ~/.cache/cptfast/index) and report this as a bug.");
+  }
   const size_t k = std::upper_bound(first_doc_.begin(), first_doc_.end(), doc) - first_doc_.begin() - 1;
   const auto& shard = shards_[k];
-  const int64_t offset = shard->document_offsets()[doc - first_doc_[k]];
-  return static_cast<const uint8_t*>(shard->tokens()) + offset * shard->itemsize();
+  const int64_t start = shard->document_offsets()[doc - first_doc_[k]] + offset;
+  if (shard->token_type() == out_type) {
+    const int64_t isz = shard->itemsize();
+    std::memcpy(out, static_cast<const uint8_t*>(shard->tokens()) + start * isz, count * isz);
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {  // a source of files of other dtypes: widen
+    store_token(out, out_type, i, load_token(shard->tokens(), shard->token_type(), start + i));
+  }
 }
 
 std::shared_ptr<Epoch> build_concat_epoch(const Source& src, uint64_t seed, uint64_t source_id,
@@ -118,53 +144,125 @@ std::shared_ptr<Epoch> build_bestfit_epoch(const Source& src, int64_t seq_len, i
 }
 
 namespace {
-constexpr char kEpochMagic[8] = {'C', 'P', 'T', 'I', 'D', 'X', '1', '\0'};
+constexpr char kEpochMagic[8] = {'C', 'P', 'T', 'I', 'D', 'X', '2', '\0'};
 
-template <typename T>
-bool read_array(std::FILE* f, std::vector<T>* values, uint64_t count) {
-  values->resize(count);
-  return count == 0 || std::fread(values->data(), sizeof(T), count, f) == count;
+// Fletcher-style sums over 8-byte words: position-sensitive (a swapped, dropped or flipped
+// word changes them), one pass at memory speed. Not cryptographic: it guards against torn,
+// truncated and bit-rotted files, not against someone forging one.
+struct Checksum {
+  uint64_t a = 0x9e3779b97f4a7c15ull, b = 0;
+  void add(const void* data, size_t bytes) {
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    size_t i = 0;
+    for (; i + 8 <= bytes; i += 8) {
+      uint64_t word;
+      std::memcpy(&word, p + i, 8);
+      a += word;
+      b += a;
+    }
+    uint64_t last = 0;
+    std::memcpy(&last, p + i, bytes - i);
+    a += last ^ (static_cast<uint64_t>(bytes) << 56);  // the length counts too
+    b += a;
+  }
+};
+
+// Header: magic, then these words, then the checksum of the magic and the words.
+struct EpochHeader {
+  uint64_t documents, tokens;
+  uint64_t counts[4];  // order, stream_start, row_first, pieces
+  uint64_t sum_a, sum_b;
+};
+
+uint64_t header_checksum(const EpochHeader& h) {
+  Checksum c;
+  c.add(kEpochMagic, 8);
+  c.add(&h, sizeof(h));
+  return c.a ^ (c.b * 0xff51afd7ed558ccdull);
 }
 
 template <typename T>
-bool write_array(std::FILE* f, const std::vector<T>& values) {
+bool read_array(std::FILE* f, std::vector<T>* values, uint64_t count, Checksum* sum) {
+  values->resize(count);
+  if (count != 0 && std::fread(values->data(), sizeof(T), count, f) != count) return false;
+  sum->add(values->data(), count * sizeof(T));
+  return true;
+}
+
+template <typename T>
+bool write_array(std::FILE* f, const std::vector<T>& values, Checksum* sum) {
+  sum->add(values.data(), values.size() * sizeof(T));
   return values.empty() || std::fwrite(values.data(), sizeof(T), values.size(), f) == values.size();
+}
+
+// The shape an epoch of `source` must have: what a stale or forged cache file gets wrong.
+bool plausible(const Epoch& e, const Source& source) {
+  const uint64_t n = static_cast<uint64_t>(source.num_documents());
+  if (!e.order.empty() || !e.stream_start.empty()) {  // concat
+    return e.row_first.empty() && e.pieces.empty() && e.order.size() == n &&
+           e.stream_start.size() == n + 1 && e.stream_start.front() == 0 &&
+           e.stream_start.back() == source.num_tokens();
+  }
+  return !e.row_first.empty() && e.row_first.front() == 0 &&
+         e.row_first.back() == static_cast<int64_t>(e.pieces.size());
 }
 }  // namespace
 
-bool load_epoch(const std::string& path, Epoch* out) {
+bool load_epoch(const std::string& path, const Source& source, Epoch* out) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (f == nullptr) return false;
   char magic[8];
-  uint64_t counts[4];
+  EpochHeader h;
+  uint64_t stored_checksum = 0;
   bool ok = std::fread(magic, 1, 8, f) == 8 && std::memcmp(magic, kEpochMagic, 8) == 0 &&
-            std::fread(counts, sizeof(uint64_t), 4, f) == 4;
+            std::fread(&h, sizeof(h), 1, f) == 1 && std::fread(&stored_checksum, 8, 1, f) == 1 &&
+            stored_checksum == header_checksum(h) &&
+            h.documents == static_cast<uint64_t>(source.num_documents()) &&
+            h.tokens == static_cast<uint64_t>(source.num_tokens());
   // Each count is bounded by the file size before anything is allocated.
   if (ok) {
     std::fseek(f, 0, SEEK_END);
     const uint64_t size = static_cast<uint64_t>(std::ftell(f));
-    const uint64_t expected = 8 + 32 + counts[0] * sizeof(uint32_t) + counts[1] * sizeof(int64_t) +
-                              counts[2] * sizeof(int64_t) + counts[3] * sizeof(Piece);
-    ok = counts[0] <= size && counts[1] <= size && counts[2] <= size && counts[3] <= size &&
-         expected == size;
-    std::fseek(f, 40, SEEK_SET);
+    const uint64_t expected = 8 + sizeof(h) + 8 + h.counts[0] * sizeof(uint32_t) +
+                              h.counts[1] * sizeof(int64_t) + h.counts[2] * sizeof(int64_t) +
+                              h.counts[3] * sizeof(Piece);
+    ok = h.counts[0] <= size && h.counts[1] <= size && h.counts[2] <= size &&
+         h.counts[3] <= size && expected == size;
+    std::fseek(f, 8 + sizeof(h) + 8, SEEK_SET);
   }
-  ok = ok && read_array(f, &out->order, counts[0]) && read_array(f, &out->stream_start, counts[1]) &&
-       read_array(f, &out->row_first, counts[2]) && read_array(f, &out->pieces, counts[3]);
+  Checksum sum;
+  ok = ok && read_array(f, &out->order, h.counts[0], &sum) &&
+       read_array(f, &out->stream_start, h.counts[1], &sum) &&
+       read_array(f, &out->row_first, h.counts[2], &sum) &&
+       read_array(f, &out->pieces, h.counts[3], &sum) && sum.a == h.sum_a && sum.b == h.sum_b &&
+       plausible(*out, source);
   std::fclose(f);
   return ok;
 }
 
-void save_epoch(const std::string& path, const Epoch& epoch) {
+void save_epoch(const std::string& path, const Source& source, const Epoch& epoch) {
   const std::string partial = path + ".partial-" + std::to_string(::getpid()) + "-" +
                               std::to_string(std::hash<std::thread::id>{}(std::this_thread::get_id()));
   std::FILE* f = std::fopen(partial.c_str(), "wb");
   if (f == nullptr) return;
-  const uint64_t counts[4] = {epoch.order.size(), epoch.stream_start.size(),
-                              epoch.row_first.size(), epoch.pieces.size()};
-  bool ok = std::fwrite(kEpochMagic, 1, 8, f) == 8 && std::fwrite(counts, sizeof(uint64_t), 4, f) == 4 &&
-            write_array(f, epoch.order) && write_array(f, epoch.stream_start) &&
-            write_array(f, epoch.row_first) && write_array(f, epoch.pieces);
+  EpochHeader h{static_cast<uint64_t>(source.num_documents()),
+                static_cast<uint64_t>(source.num_tokens()),
+                {epoch.order.size(), epoch.stream_start.size(), epoch.row_first.size(),
+                 epoch.pieces.size()},
+                0, 0};
+  // The arrays go after the header, whose checksum covers their sums: write a placeholder
+  // header, the arrays, then the real header.
+  const uint64_t zero = 0;
+  bool ok = std::fwrite(kEpochMagic, 1, 8, f) == 8 && std::fwrite(&h, sizeof(h), 1, f) == 1 &&
+            std::fwrite(&zero, 8, 1, f) == 1;
+  Checksum sum;
+  ok = ok && write_array(f, epoch.order, &sum) && write_array(f, epoch.stream_start, &sum) &&
+       write_array(f, epoch.row_first, &sum) && write_array(f, epoch.pieces, &sum);
+  h.sum_a = sum.a;
+  h.sum_b = sum.b;
+  const uint64_t checksum = header_checksum(h);
+  ok = ok && std::fseek(f, 8, SEEK_SET) == 0 && std::fwrite(&h, sizeof(h), 1, f) == 1 &&
+       std::fwrite(&checksum, 8, 1, f) == 1;
   ok = std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0 && ok;
   std::fclose(f);
   if (!ok || std::rename(partial.c_str(), path.c_str()) != 0) std::remove(partial.c_str());
@@ -183,13 +281,13 @@ std::shared_ptr<const Epoch> SourceStream::epoch(int64_t e) {
                                                    : cache_prefix_ + "-e" + std::to_string(e) + ".cptidx";
   auto loaded = std::make_shared<Epoch>();
   std::shared_ptr<const Epoch> built;
-  if (!cached.empty() && load_epoch(cached, loaded.get())) {
+  if (!cached.empty() && load_epoch(cached, *source_, loaded.get())) {
     built = loaded;
   } else {
     auto fresh = packing_ == Packing::kConcat
                      ? build_concat_epoch(*source_, seed_, source_id_, e)
                      : build_bestfit_epoch(*source_, seq_len_, window_, seed_, source_id_, e);
-    if (!cached.empty()) save_epoch(cached, *fresh);
+    if (!cached.empty()) save_epoch(cached, *source_, *fresh);
     built = fresh;
   }
   cache_[e] = built;
@@ -224,7 +322,8 @@ int64_t SourceStream::row_tokens(int64_t r) {
   const auto [e, i] = locate_bestfit_row(r);
   const auto ep = epoch(e);
   int64_t total = 0;
-  for (int64_t p = ep->row_first[i]; p < ep->row_first[i + 1]; ++p) total += ep->pieces[p].length;
+  const auto [first, last] = row_pieces(*ep, e, i);
+  for (int64_t p = first; p < last; ++p) total += ep->pieces[p].length;
   return total;
 }
 
@@ -233,8 +332,23 @@ int64_t SourceStream::row_epoch(int64_t r) {
   return locate_bestfit_row(r).first;
 }
 
-int32_t SourceStream::fill_row(int64_t r, const RowSink& sink, int64_t pad_id) {
-  const TokenType type = source_->token_type();
+void SourceStream::broken_index(int64_t e, const std::string& problem) const {
+  throw ShardError("source " + source_->first_path() + ", epoch " + std::to_string(e) +
+                   ": the epoch index is broken (" + problem + "); it does not belong to these "
+                   "shards. Delete the loader's index cache (index_cache=, default "
+                   "~/.cache/cptfast/index) and report this as a bug.");
+}
+
+std::pair<int64_t, int64_t> SourceStream::row_pieces(const Epoch& ep, int64_t e, int64_t i) const {
+  const int64_t first = ep.row_first[i], last = ep.row_first[i + 1];
+  if (first < 0 || last < first || last > static_cast<int64_t>(ep.pieces.size())) {
+    broken_index(e, "row " + std::to_string(i) + " points at pieces [" + std::to_string(first) +
+                        ", " + std::to_string(last) + ")");
+  }
+  return {first, last};
+}
+
+int32_t SourceStream::fill_row(int64_t r, const RowSink& sink, TokenType type, int64_t pad_id) {
   const int64_t isz = token_itemsize(type);
   const int64_t slots = seq_len_ + 1;
   int64_t filled = 0;
@@ -249,11 +363,16 @@ int32_t SourceStream::fill_row(int64_t r, const RowSink& sink, int64_t pad_id) {
       if (e != ep_number) ep = epoch(ep_number = e);
       const auto& starts = ep->stream_start;
       const int64_t k = std::upper_bound(starts.begin(), starts.end(), within) - starts.begin() - 1;
-      const uint32_t doc = ep->order[k];
-      const int64_t offset = within - starts[k];
+      // k indexes order (< D); a broken stream_start could point anywhere: copy_tokens checks.
+      const int64_t doc = k >= 0 && k < static_cast<int64_t>(ep->order.size()) ? ep->order[k] : -1;
+      const int64_t offset = k >= 0 ? within - starts[k] : -1;
       if (offset == 0 && filled > 0) sink.segment_starts->push_back(static_cast<int32_t>(filled));
-      const int64_t n = std::min<int64_t>(source_->length(doc) - offset, slots - filled);
-      std::memcpy(sink.tokens + filled * isz, source_->data(doc) + offset * isz, n * isz);
+      const int64_t n = std::min<int64_t>(
+          (doc >= 0 && doc < source_->num_documents() ? source_->length(doc) : 0) - offset,
+          slots - filled);
+      if (n <= 0) broken_index(e, "document " + std::to_string(doc) + " at stream position " +
+                                      std::to_string(within) + " has no tokens left");
+      source_->copy_tokens(doc, offset, n, sink.tokens + filled * isz, type);
       filled += n;
       position += n;
     }
@@ -261,11 +380,15 @@ int32_t SourceStream::fill_row(int64_t r, const RowSink& sink, int64_t pad_id) {
   }
   const auto [e, i] = locate_bestfit_row(r);
   const auto ep = epoch(e);
-  for (int64_t p = ep->row_first[i]; p < ep->row_first[i + 1]; ++p) {
+  const auto [first, last] = row_pieces(*ep, e, i);
+  for (int64_t p = first; p < last; ++p) {
     const Piece& piece = ep->pieces[p];
     if (filled > 0) sink.segment_starts->push_back(static_cast<int32_t>(filled));
-    std::memcpy(sink.tokens + filled * isz, source_->data(piece.doc) + int64_t{piece.start} * isz,
-                int64_t{piece.length} * isz);
+    if (piece.length > slots - filled) {
+      broken_index(e, "row " + std::to_string(i) + " holds more than " + std::to_string(slots) +
+                          " tokens");
+    }
+    source_->copy_tokens(piece.doc, piece.start, piece.length, sink.tokens + filled * isz, type);
     filled += piece.length;
   }
   for (int64_t t = filled; t < slots; ++t) store_token(sink.tokens, type, t, pad_id);

@@ -16,16 +16,25 @@ namespace cptfast {
 
 enum class Packing { kConcat, kBestfit };
 
+// The token type that holds every id of all the given types: the common one, else the widest
+// (uint32, or int64 when one is 64-bit), so files of different dtypes mix without loss.
+TokenType common_token_type(const std::vector<TokenType>& types);
+
 // The documents of one source: the shards' documents in order, numbered 0..num_documents-1.
 class Source {
  public:
   explicit Source(std::vector<std::shared_ptr<TokenShard>> shards);
   int64_t num_documents() const { return static_cast<int64_t>(lengths_.size()); }
   int64_t num_tokens() const { return num_tokens_; }
+  // The type the source's tokens are handed out in (its shards' common type).
   TokenType token_type() const { return token_type_; }
   int64_t length(int64_t doc) const { return lengths_[doc]; }
-  // Pointer to the first token of `doc` (inside the shard's memory map).
-  const uint8_t* data(int64_t doc) const;
+  // Copies tokens [offset, offset + count) of `doc` to `out` as `out_type`. Every access is
+  // bounds-checked: a document or range outside the source (an epoch index that does not
+  // belong to these shards) raises a ShardError naming the source and the document.
+  void copy_tokens(int64_t doc, int64_t offset, int64_t count, uint8_t* out,
+                   TokenType out_type) const;
+  const std::string& first_path() const { return shards_[0]->path(); }
 
  private:
   std::vector<std::shared_ptr<TokenShard>> shards_;
@@ -53,11 +62,13 @@ struct Epoch {
   int64_t num_rows() const { return static_cast<int64_t>(row_first.size()) - 1; }
 };
 
-// The on-disk cache of built epochs: a small header, then the four arrays as they are in memory.
-// load_epoch returns false for a missing, truncated or foreign file (which is then rebuilt);
+// The on-disk cache of built epochs: a header (the source's document and token counts, the
+// array sizes, a checksum of the arrays, a checksum of the header itself), then the four
+// arrays as they are in memory. load_epoch returns false for a missing, truncated, corrupt,
+// stale (counts of another source) or foreign file, which is then rebuilt and rewritten;
 // save_epoch writes atomically (temporary name, then rename) and leaves nothing on failure.
-bool load_epoch(const std::string& path, Epoch* out);
-void save_epoch(const std::string& path, const Epoch& epoch);
+bool load_epoch(const std::string& path, const Source& source, Epoch* out);
+void save_epoch(const std::string& path, const Source& source, const Epoch& epoch);
 
 std::shared_ptr<Epoch> build_concat_epoch(const Source& src, uint64_t seed, uint64_t source_id,
                                           uint64_t epoch);
@@ -83,11 +94,15 @@ class SourceStream {
   int64_t row_tokens(int64_t r);
   // The epoch that row r starts in.
   int64_t row_epoch(int64_t r);
-  int32_t fill_row(int64_t r, const RowSink& sink, int64_t pad_id);
+  // Fills row r into `sink` (tokens as `type`); returns the number of used slots.
+  int32_t fill_row(int64_t r, const RowSink& sink, TokenType type, int64_t pad_id);
   const Source& source() const { return *source_; }
 
  private:
   std::shared_ptr<const Epoch> epoch(int64_t e);
+  [[noreturn]] void broken_index(int64_t e, const std::string& problem) const;
+  // bestfit: the checked range of pieces of row i of epoch e.
+  std::pair<int64_t, int64_t> row_pieces(const Epoch& ep, int64_t e, int64_t i) const;
   // bestfit: (epoch, row within it) of source row r, building epochs as needed.
   std::pair<int64_t, int64_t> locate_bestfit_row(int64_t r);
 

@@ -109,22 +109,33 @@ void TokenShard::check_token_range(int64_t vocab_size) {
   }
 }
 
-void TokenShard::split_on_delimiter(int64_t delimiter, bool ends) {
-  doc_offsets_.clear();
-  doc_offsets_.push_back(0);
+void TokenShard::split_on_delimiter(int64_t delimiter, DelimiterRole role) {
+  delimiter_ = delimiter;
+  role_ = role;
+  doc_offsets_.assign(1, 0);
+  cut_documents_ = 0;
   dispatch(token_type_, tokens(), [&](auto* p) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(p)>>;
     // A delimiter outside T's range can never match; comparing after the cast would alias.
-    if (delimiter < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
+    if (num_tokens_ == 0 || delimiter < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
         delimiter > static_cast<int64_t>(std::numeric_limits<T>::max())) {
       return 0;
     }
     const T d = static_cast<T>(delimiter);
+    const bool ends = role == DelimiterRole::kEnd;
+    // llm.c puts the delimiter before every document: in the end role, the file's leading
+    // one ends nothing. (A nanoGPT file that starts with EOS starts with an empty document.)
+    const bool prepended = !ends || kind_ == ShardKind::kLlmc;
+    if (ends && prepended && p[0] == d) doc_offsets_[0] = 1;
     for (int64_t i = 0; i < num_tokens_; ++i) {
       if (p[i] != d) continue;
-      int64_t boundary = ends ? i + 1 : i;
+      const int64_t boundary = ends ? i + 1 : i;
       if (boundary > doc_offsets_.back()) doc_offsets_.push_back(boundary);
     }
+    // Edges cut mid-document: a file that does not open with the delimiter although every
+    // document starts with one (llm.c, BOS-led files), and one that does not end with it
+    // although every document ends with one.
+    cut_documents_ = (prepended && p[0] != d) + (ends && p[num_tokens_ - 1] != d);
     return 0;
   });
   if (doc_offsets_.back() != num_tokens_) doc_offsets_.push_back(num_tokens_);
@@ -243,7 +254,8 @@ std::shared_ptr<TokenShard> TokenShard::open_megatron(const std::string& bin_pat
   return shard;
 }
 
-std::shared_ptr<TokenShard> TokenShard::open_llmc(const std::string& path, int64_t delimiter) {
+std::shared_ptr<TokenShard> TokenShard::open_llmc(const std::string& path, int64_t delimiter,
+                                                   DelimiterRole role) {
   auto shard = std::shared_ptr<TokenShard>(new TokenShard());
   shard->kind_ = ShardKind::kLlmc;
   shard->tokens_file_ = std::make_shared<MappedFile>(path);
@@ -281,13 +293,17 @@ std::shared_ptr<TokenShard> TokenShard::open_llmc(const std::string& path, int64
   }
   shard->token_byte_start_ = kLlmcHeaderBytes;
   shard->num_tokens_ = count;
-  if (delimiter < 0) delimiter = magic == kLlmcMagicGpt2 ? kGpt2EndOfText : kLlama3BeginOfText;
-  shard->split_on_delimiter(delimiter, /*ends=*/false);
+  // llm.c prepends the delimiter to every document. GPT-2's is end-of-text, which the model
+  // must learn to predict: it ends the previous document. Llama-3's is a BOS: it begins one.
+  const bool gpt2 = magic == kLlmcMagicGpt2;
+  if (delimiter < 0) delimiter = gpt2 ? kGpt2EndOfText : kLlama3BeginOfText;
+  if (role == DelimiterRole::kNone) role = gpt2 ? DelimiterRole::kEnd : DelimiterRole::kStart;
+  shard->split_on_delimiter(delimiter, role);
   return shard;
 }
 
 std::shared_ptr<TokenShard> TokenShard::open_headerless(const std::string& path, TokenType type,
-                                                        int64_t eos_id) {
+                                                        int64_t eos_id, DelimiterRole role) {
   auto shard = std::shared_ptr<TokenShard>(new TokenShard());
   shard->kind_ = ShardKind::kHeaderless;
   shard->token_type_ = type;
@@ -302,7 +318,51 @@ std::shared_ptr<TokenShard> TokenShard::open_headerless(const std::string& path,
              std::string(token_type_name(type)) + "; pass the dtype it was written with.");
   }
   shard->num_tokens_ = static_cast<int64_t>(size / isz);
-  shard->split_on_delimiter(eos_id, /*ends=*/true);
+  shard->split_on_delimiter(eos_id, role == DelimiterRole::kNone ? DelimiterRole::kEnd : role);
+  return shard;
+}
+
+std::shared_ptr<TokenShard> TokenShard::open_datatrove(const std::string& path,
+                                                       const std::string& index_path,
+                                                       TokenType type) {
+  auto shard = std::shared_ptr<TokenShard>(new TokenShard());
+  shard->kind_ = ShardKind::kDatatrove;
+  shard->token_type_ = type;
+  shard->index_path_ = index_path;
+  shard->tokens_file_ = std::make_shared<MappedFile>(path);
+  const uint64_t size = shard->tokens_file_->size();
+  const int isz = shard->itemsize();
+  const char* fix = "Re-create the file with datatrove's tokenizer, or check that the .ds and "
+                    ".ds.index belong together and the token size is right.";
+  if (size % isz != 0) {
+    fail(path, size - size % isz,
+         "file size " + std::to_string(size) + " is not a whole number of " +
+             token_type_name(type) + " tokens", fix);
+  }
+  shard->num_tokens_ = static_cast<int64_t>(size / isz);
+  MappedFile index(index_path);
+  if (index.size() % 8 != 0) {
+    fail(index_path, index.size() - index.size() % 8,
+         "file size is not a whole number of uint64 document ends", fix);
+  }
+  const uint64_t n = index.size() / 8;
+  shard->doc_offsets_.assign(1, 0);
+  for (uint64_t d = 0; d < n; ++d) {
+    const uint64_t end = read_le<uint64_t>(index.data(), 8 * d);
+    if (end < static_cast<uint64_t>(shard->doc_offsets_.back()) ||
+        end > static_cast<uint64_t>(shard->num_tokens_)) {
+      fail(index_path, 8 * d,
+           "document " + std::to_string(d) + " ends at token " + std::to_string(end) +
+               ", before the previous end or past the " + std::to_string(shard->num_tokens_) +
+               " tokens of " + path, fix);
+    }
+    shard->doc_offsets_.push_back(static_cast<int64_t>(end));
+  }
+  if (shard->doc_offsets_.back() != shard->num_tokens_) {
+    fail(index_path, index.size(),
+         "the last document ends at token " + std::to_string(shard->doc_offsets_.back()) +
+             " but " + path + " holds " + std::to_string(shard->num_tokens_) + " tokens", fix);
+  }
   return shard;
 }
 

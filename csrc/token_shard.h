@@ -1,5 +1,5 @@
 // Zero-copy readers of token shards: Megatron MMIDIDX (.bin + .idx, our native layout), llm.c
-// .bin shards, and headerless uint16/uint32 token files. Each open maps the token file
+// .bin shards, headerless uint16/uint32 token files and datatrove .ds files (+ .ds.index). Each open maps the token file
 // read-only, validates every structural fact of the format, and builds the token offset of
 // every document, so that document i is the view tokens[offsets[i], offsets[i+1]).
 #pragma once
@@ -39,7 +39,13 @@ class MappedFile {
   size_t size_ = 0;
 };
 
-enum class ShardKind { kMegatron, kLlmc, kHeaderless };
+enum class ShardKind { kMegatron, kLlmc, kHeaderless, kDatatrove };
+
+// How a delimiter token splits a token stream into documents.
+//  kEnd: the delimiter is a document's last token (nanoGPT and GPT-2 llm.c end-of-text: so it
+//        is a label). A delimiter that opens the file ends nothing and belongs to no document.
+//  kStart: the delimiter is a document's first token (a Llama BOS).
+enum class DelimiterRole { kNone, kEnd, kStart };
 
 class TokenShard {
  public:
@@ -52,6 +58,14 @@ class TokenShard {
   int64_t num_documents() const { return static_cast<int64_t>(doc_offsets_.size()) - 1; }
   const void* tokens() const { return tokens_file_->data() + token_byte_start_; }
   const std::vector<int64_t>& document_offsets() const { return doc_offsets_; }
+  // Tokens inside documents (a leading end-delimiter that ends nothing is not counted).
+  int64_t document_tokens() const { return doc_offsets_.back() - doc_offsets_.front(); }
+  // The delimiter that split the file into documents and its role (-1 / kNone: an index did).
+  int64_t delimiter() const { return delimiter_; }
+  DelimiterRole delimiter_role() const { return role_; }
+  // Documents the file's edges cut (they began in the previous file or go on in the next):
+  // at most one at each edge; an llm.c writer cuts documents at shard boundaries.
+  int64_t cut_documents() const { return cut_documents_; }
   // Largest token id in the file (scanned once, then cached); -1 for a file of no tokens.
   int64_t max_token_id();
   // Throws a ShardError naming the first token outside [0, vocab_size) and its byte offset.
@@ -59,16 +73,22 @@ class TokenShard {
 
   static std::shared_ptr<TokenShard> open_megatron(const std::string& bin_path,
                                                    const std::string& idx_path);
-  // delimiter < 0: the magic's own (GPT-2 end-of-text 50256, Llama-3 begin-of-text 128000).
-  static std::shared_ptr<TokenShard> open_llmc(const std::string& path, int64_t delimiter);
+  // delimiter < 0: the magic's own (GPT-2 end-of-text 50256, Llama-3 begin-of-text 128000);
+  // role kNone: the magic's own (GPT-2 kEnd, Llama-3 kStart).
+  static std::shared_ptr<TokenShard> open_llmc(const std::string& path, int64_t delimiter,
+                                               DelimiterRole role);
+  // role kNone: kEnd (each eos_id ends a document, as nanoGPT writes them).
   static std::shared_ptr<TokenShard> open_headerless(const std::string& path, TokenType type,
-                                                     int64_t eos_id);
+                                                     int64_t eos_id, DelimiterRole role);
+  // datatrove: headerless tokens; `index_path` holds uint64 cumulative document end positions.
+  static std::shared_ptr<TokenShard> open_datatrove(const std::string& path,
+                                                    const std::string& index_path,
+                                                    TokenType type);
 
  private:
   TokenShard() = default;
-  // Splits the token stream into documents: with `ends`, each delimiter ends a document
-  // (nanoGPT appends EOS); otherwise each delimiter starts one (llm.c prepends it).
-  void split_on_delimiter(int64_t delimiter, bool ends);
+  // Splits the token stream into documents by `delimiter` in `role` (see DelimiterRole).
+  void split_on_delimiter(int64_t delimiter, DelimiterRole role);
 
   std::shared_ptr<MappedFile> tokens_file_;
   std::string index_path_;
@@ -78,6 +98,9 @@ class TokenShard {
   int64_t num_tokens_ = 0;
   std::vector<int64_t> doc_offsets_;
   int64_t max_token_id_ = -2;  // -2: not scanned yet
+  int64_t delimiter_ = -1;
+  DelimiterRole role_ = DelimiterRole::kNone;
+  int64_t cut_documents_ = 0;
 };
 
 }  // namespace cptfast

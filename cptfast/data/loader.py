@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from cptfast._ext import extension
-from cptfast.data.shards import ShardDirectory, open_shards
+from cptfast.data.shards import ShardDirectory, open_source
+from cptfast.errors import DataError
 
 PACKINGS = ("concat", "bestfit")
 STATE_VERSION = 1
@@ -119,28 +120,12 @@ _TORCH_DTYPES = {"uint16": torch.uint16, "uint32": torch.uint32, "int32": torch.
                  "int64": torch.int64}
 
 
-def _open_source(spec, name: str) -> tuple[list, dict | None]:
-    """(readers, tokenizer facts or None) of one source given as a directory, opened
-    directory, or list of shard files / readers."""
-    if isinstance(spec, ShardDirectory):
-        opened = spec
-    elif isinstance(spec, (str, Path)):
-        opened = open_shards(spec)
-    elif isinstance(spec, Sequence) and spec:
-        from cptfast.data.shards import open_shard
-        return [s if hasattr(s, "document_offsets") else open_shard(s) for s in spec], None
-    else:
-        raise ValueError(f"source {name!r}: expected a shard directory, a ShardDirectory or a "
-                         f"non-empty list of shard files, got {spec!r}")
-    tokenizer = opened.manifest.tokenizer
-    return opened.shards, {"vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256,
-                           "eos_id": tokenizer.eos_id, "path": str(opened.path)}
-
-
 def _loss_mask_files(spec) -> list[str] | None:
     """The loss-mask shard files of a shard directory, if it has them."""
     if isinstance(spec, ShardDirectory):
         spec = spec.path
+    if isinstance(spec, Mapping):
+        spec = spec.get("path")
     if isinstance(spec, (str, Path)) and (Path(spec) / "loss_mask").is_dir():
         return sorted(str(p) for p in (Path(spec) / "loss_mask").glob("*.bin"))
     return None
@@ -150,8 +135,12 @@ class PackedLoader:
     """Endless iterator of :class:`Batch` for one rank.
 
     Args:
-        sources: shard directories (or ``ShardDirectory`` objects, or lists of shard files),
-            as a list or as a ``{name: source}`` mapping.
+        sources: data sources, as a list or as a ``{name: source}`` mapping. A source is
+            anything :func:`cptfast.data.open_source` takes: a cptfast shard directory, a
+            directory of Megatron / llm.c / datatrove files, a Megatron prefix, a file, a
+            glob, a list of these, or a table ``{"path": ..., "format": "headerless",
+            "dtype": "uint16", "eos_id": 50256, "delimiter_role": "end"}``. Sources of
+            different token dtypes mix (tokens are widened to a common type).
         seq_len: T, tokens per row (>= 2).
         batch_size: rows per batch on this rank (the global batch is ``batch_size *
             world_size`` rows).
@@ -167,8 +156,12 @@ class PackedLoader:
         device: where batches go (default CPU). On CUDA, with the extension built with CUDA,
             the compact batch is copied (2-4 bytes per token) and expanded on the device.
         pad_id: token at padding positions (default: the tokenizer's EOS, else 0).
+        vocab_size: the model's embedding rows: every token id of every source is checked
+            against it (errors name the source, file and token id).
         index_cache: directory where built epoch indices are cached, keyed by everything they
-            depend on (files, sizes, mtimes, packing, seq_len, window, seed); default
+            depend on (each file's identity, size and mtime, its reader's format, dtype,
+            delimiter and role; packing, seq_len, window, seed); a cached index is checked on
+            load (document and token counts, checksums) and rebuilt when stale; default
             ``$CPTFAST_CACHE_DIR`` or ``~/.cache/cptfast/index``; ``False`` disables it.
         host_expand: expand batches on the gathering threads (default: unless they go to a
             CUDA device, where the compact batch is expanded by a kernel); ``False`` suits
@@ -185,7 +178,7 @@ class PackedLoader:
                  num_threads: int = 2, device: str | torch.device | None = None,
                  window: int = 1024, prefetch: int = 4, pad_id: int | None = None,
                  index_cache: str | Path | bool | None = None, host_expand: bool | None = None,
-                 loss_masks: bool = True):
+                 loss_masks: bool = True, vocab_size: int | None = None):
         if packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         if seq_len < 2:
@@ -208,25 +201,26 @@ class PackedLoader:
         self.weights = self._weights(weights)
 
         C = extension()
-        self._sources, self._readers, facts = [], [], []
+        self._sources, self._readers, self.opened = [], [], []
         for name, spec in zip(self.source_names, specs):
-            readers, tokenizer = _open_source(spec, name)
-            self._readers.append(readers)
+            opened = open_source(spec, name=name, vocab_size=vocab_size)
+            self.opened.append(opened)
+            self._readers.append(opened.readers)
             try:
-                self._sources.append(C.Source(readers))
+                self._sources.append(C.Source(opened.readers))
             except ValueError as error:
-                raise ValueError(f"source {name!r}: {error}") from None
-            facts.append(tokenizer)
-        known = [(n, f) for n, f in zip(self.source_names, facts) if f is not None]
-        for name, fact in known[1:]:
-            first_name, first = known[0]
-            if (fact["vocab_size"], fact["sha256"]) != (first["vocab_size"], first["sha256"]):
-                raise ValueError(
-                    f"source {name!r} ({fact['path']}) was tokenized with a different tokenizer "
-                    f"(vocab {fact['vocab_size']}) than {first_name!r} ({first['path']}, vocab "
-                    f"{first['vocab_size']}); prepare every source with the model's tokenizer")
+                raise DataError(f"source {name!r}: {error}") from None
+        known = [o for o in self.opened if o.manifest is not None]
+        for other in known[1:]:
+            first, fact, facts = known[0], other.manifest.tokenizer, known[0].manifest.tokenizer
+            if (fact.vocab_size, fact.sha256) != (facts.vocab_size, facts.sha256):
+                raise DataError(
+                    f"source {other.name!r} ({other.described}) was tokenized with a different "
+                    f"tokenizer (vocab {fact.vocab_size}) than {first.name!r} "
+                    f"({first.described}, vocab {facts.vocab_size}); prepare every source with "
+                    "the model's tokenizer")
         if pad_id is None:
-            pad_id = next((f["eos_id"] for _, f in known if f["eos_id"] is not None), 0)
+            pad_id = next((o.eos_id for o in self.opened if o.eos_id is not None), 0)
 
         self.seq_len, self.batch_size, self.packing, self.seed = seq_len, batch_size, packing, seed
         self.rank, self.world_size, self.window, self.pad_id = rank, world_size, window, pad_id
@@ -282,15 +276,22 @@ class PackedLoader:
             raise ValueError(f"index cache directory {directory} is not writable; pass "
                              "index_cache=<a writable directory> or index_cache=False")
         prefixes = []
-        for source_id, source in enumerate(self._readers):
+        for source_id, (source, readers) in enumerate(zip(self._sources, self._readers)):
+            # Everything the documents' boundaries depend on: which bytes (file identity, size,
+            # mtime) and how they were split (reader format, dtype, delimiter and its role).
             files = []
-            for reader in source:
+            for reader in readers:
+                files.append([reader.format, reader.dtype, reader.delimiter,
+                              reader.delimiter_role, reader.num_documents])
                 for path in (reader.path, reader.index_path):
                     if path is not None:
                         stat = os.stat(path)
-                        files.append([os.path.realpath(path), stat.st_size, stat.st_mtime_ns])
-            key = {"version": 1, "packing": self.packing, "seq_len": self.seq_len,
-                   "window": self.window, "seed": self.seed, "source": source_id, "files": files}
+                        files.append([os.path.realpath(path), stat.st_dev, stat.st_ino,
+                                      stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
+            key = {"version": 2, "packing": self.packing, "seq_len": self.seq_len,
+                   "window": self.window, "seed": self.seed, "source": source_id,
+                   "documents": source.num_documents, "tokens": source.num_tokens,
+                   "files": files}
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
             prefixes.append(str(directory / f"{self.packing}-{digest}"))
         return prefixes
@@ -380,11 +381,13 @@ class PackedLoader:
                 for name, readers in zip(self.source_names, self._readers)}
 
     def report(self) -> list[dict]:
-        """Per source: rows and tokens taken so far, their share, and the current epoch."""
+        """Per source: rows and tokens taken so far, their share, the current epoch, and the
+        documents its files' edges cut (llm.c shards cut documents at shard boundaries)."""
         global_row, rows, tokens = self._state
         total = sum(tokens) or 1
         return [{"source": name, "rows": r, "tokens": t, "share": t / total,
                  "target_share": w / sum(self.weights),
-                 "epoch": self._loader.row_epoch(s, r)}
-                for s, (name, r, t, w) in enumerate(zip(self.source_names, rows, tokens,
-                                                        self.weights))]
+                 "epoch": self._loader.row_epoch(s, r),
+                 "cut_documents": opened.cut_documents}
+                for s, (name, r, t, w, opened) in enumerate(zip(
+                    self.source_names, rows, tokens, self.weights, self.opened))]

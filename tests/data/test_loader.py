@@ -255,7 +255,7 @@ def test_bad_input_gets_clear_errors(tmp_path, tokenizer_dir, big_vocab_tokenize
     empty, _ = write_megatron(tmp_path / "empty", [[], []], "uint16")  # all documents empty
     with pytest.raises(ValueError, match=r"empty\.bin: file is empty"):
         PackedLoader([[empty]], 8, 1)
-    with pytest.raises(ValueError, match="non-empty list of shard files"):
+    with pytest.raises(ValueError, match="empty list of shard files"):
         PackedLoader([good, []], 8, 1)
     with pytest.raises(ValueError, match="at least one source"):
         PackedLoader([], 8, 1)
@@ -268,11 +268,6 @@ def test_bad_input_gets_clear_errors(tmp_path, tokenizer_dir, big_vocab_tokenize
         PackedLoader([good], 8, 1, packing="greedy")
     with pytest.raises(ValueError, match="rank"):
         PackedLoader([good], 8, 1, rank=2, world_size=2)
-    wide, _ = write_megatron(tmp_path / "wide", [[1, 2, 3]], "int32")
-    with pytest.raises(ValueError, match="holds int32 tokens but source 0 holds uint16"):
-        PackedLoader([good, [wide]], 8, 1)
-    with pytest.raises(ValueError, match="must share one token type"):
-        PackedLoader([[good[0], wide]], 8, 1)
 
     (tmp_path / "a.txt").write_text("w1 w2 hello\nthere w3\n")
     prepare([tmp_path / "a.txt"], tmp_path / "small", tokenizer_dir, split_lines=True, workers=1)

@@ -71,23 +71,48 @@ def test_document_index_out_of_range(tmp_path):
         shard.document(-3)
 
 
-@pytest.mark.parametrize("magic,version,delimiter", [(20240520, 1, 50256),
-                                                     (20240801, 7, 128000)])
-def test_llmc_documents_start_at_the_delimiter(tmp_path, magic, version, delimiter):
-    docs = [[delimiter, 11, 12, 13], [delimiter], [delimiter, 14], [delimiter, 7, 7, 7, 7]]
-    write_llmc(tmp_path / "x_train_000001.bin", [t for d in docs for t in d], magic=magic,
-               version=version)
+def assert_llmc_documents(shard, expected):
+    assert [shard.document(i).tolist() for i in range(len(shard))] == expected
+    assert shard.document_tokens == sum(len(d) for d in expected)
+
+
+def test_gpt2_llmc_documents_end_with_their_end_of_text(tmp_path):
+    # llm.c writes [EOT] + tokens per document and trains on the stream as it is: the EOT
+    # after a document is that document's last label.
+    eot = 50256
+    bodies = [[11, 12, 13], [], [14], [7, 7, 7, 7]]
+    write_llmc(tmp_path / "x_train_000001.bin", [t for b in bodies for t in [eot] + b])
     shard = open_shard(tmp_path / "x_train_000001.bin")
-    assert shard.format == "llmc" and shard.dtype == ("uint16" if version == 1 else "uint32")
-    assert_documents(shard, docs)
+    assert shard.format == "llmc" and shard.dtype == "uint16"
+    assert (shard.delimiter, shard.delimiter_role) == (eot, "end")
+    # The leading EOT ends nothing; the last document's end is in the next shard (cut).
+    assert_llmc_documents(shard, [[11, 12, 13, eot], [eot], [14, eot], [7, 7, 7, 7]])
+    assert shard.num_tokens == 12 and shard.cut_documents == 1
 
 
-def test_llmc_leading_fragment_and_custom_delimiter(tmp_path):
+def test_llama3_llmc_documents_begin_with_their_bos(tmp_path):
+    bos = 128000
+    docs = [[bos, 11, 12, 13], [bos], [bos, 14], [bos, 7, 7, 7, 7]]
+    write_llmc(tmp_path / "x_train_000001.bin", [t for d in docs for t in d], magic=20240801,
+               version=7)
+    shard = open_shard(tmp_path / "x_train_000001.bin")
+    assert shard.dtype == "uint32" and (shard.delimiter, shard.delimiter_role) == (bos, "start")
+    assert_llmc_documents(shard, docs)
+    assert shard.cut_documents == 0
+
+
+def test_llmc_leading_fragment_custom_delimiter_and_role(tmp_path):
     # llm.c's shard writers cut documents at shard boundaries: the file may start mid-document.
     write_llmc(tmp_path / "a.bin", [5, 6, 50256, 1, 2, 50256, 3])
-    assert_documents(open_shard(tmp_path / "a.bin"), [[5, 6], [50256, 1, 2], [50256, 3]])
-    assert_documents(open_shard(tmp_path / "a.bin", format="llmc", delimiter=6),
-                     [[5], [6, 50256, 1, 2, 50256, 3]])
+    shard = open_shard(tmp_path / "a.bin")
+    assert_llmc_documents(shard, [[5, 6, 50256], [1, 2, 50256], [3]])
+    assert shard.cut_documents == 2
+    assert_llmc_documents(open_shard(tmp_path / "a.bin", delimiter_role="start"),
+                          [[5, 6], [50256, 1, 2], [50256, 3]])
+    assert_llmc_documents(open_shard(tmp_path / "a.bin", format="llmc", delimiter=6),
+                          [[5, 6], [50256, 1, 2, 50256, 3]])
+    with pytest.raises(ValueError, match="delimiter_role must be one of"):
+        open_shard(tmp_path / "a.bin", delimiter_role="middle")
 
 
 @settings(max_examples=30, deadline=None)
