@@ -2,12 +2,14 @@
 
 from cptfast.data.formats import Manifest, ShardFileInfo, TokenizerInfo
 from cptfast.data.prep import PrepareSummary, prepare
-from cptfast.data.shards import ShardDirectory, open_shard, open_shards, verify
+from cptfast.data.shards import (OpenedSource, ShardDirectory, open_shard, open_shards,
+                                 open_source, verify)
 from cptfast.errors import ShardFormatError
 
 __all__ = [
-    "Batch", "Manifest", "PackedLoader", "PrepareSummary", "ShardDirectory", "ShardFileInfo",
-    "ShardFormatError", "TokenizerInfo", "open_shard", "open_shards", "prepare", "verify",
+    "Batch", "Manifest", "OpenedSource", "PackedLoader", "PrepareSummary", "ShardDirectory",
+    "ShardFileInfo", "ShardFormatError", "TokenizerInfo", "open_shard", "open_shards",
+    "open_source", "prepare", "verify",
 ]
 
 

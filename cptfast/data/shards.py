@@ -313,7 +313,7 @@ def _expand(spec, name: str) -> list[str]:
 
 
 def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
-                **options) -> OpenedSource:
+                check_tokens: bool = True, **options) -> OpenedSource:
     """Open a data source named in any of the ways cptfast accepts, validating every file.
 
     ``spec`` is a cptfast shard directory (with ``manifest.json``), an opened
@@ -323,7 +323,8 @@ def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
     table ``{"path": ..., "format": ..., "dtype": ..., "eos_id": ..., "delimiter_role":
     ...}`` (the keys of a ``[data.sources.NAME]`` table). ``options`` are those same keys.
     With ``vocab_size`` (the model's embedding rows) every token id is checked, and errors
-    name the source, the file, the token id and the embedding size.
+    name the source, the file, the token id and the embedding size. ``check_tokens=False``
+    skips the check of a cptfast directory's ids against its own tokenizer (a full scan).
     """
     if isinstance(spec, Mapping):
         table = dict(spec)
@@ -346,7 +347,8 @@ def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
     opened = OpenedSource(name=name, readers=[], described=described)
     if isinstance(spec, ShardDirectory) or (isinstance(spec, (str, Path)) and
                                            (Path(spec) / "manifest.json").is_file()):
-        directory = spec if isinstance(spec, ShardDirectory) else _named(name, open_shards, spec)
+        directory = spec if isinstance(spec, ShardDirectory) else _named(
+            name, open_shards, spec, check_tokens=check_tokens)
         opened.readers, opened.manifest = list(directory.shards), directory.manifest
         opened.files = [r.path for r in opened.readers]
         largest = max((f.max_token_id for f in directory.manifest.files), default=-1)
@@ -364,7 +366,7 @@ def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
             opened.readers.append(item)
             continue
         if isinstance(item, (str, Path)) and (Path(item) / "manifest.json").is_file():
-            opened.readers += _named(name, open_shards, item).shards
+            opened.readers += _named(name, open_shards, item, check_tokens=check_tokens).shards
             continue
         if not isinstance(item, (str, Path)):
             raise ValueError(f"source {name!r}: expected a path, prefix, glob, directory or a "

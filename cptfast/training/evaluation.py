@@ -8,22 +8,14 @@ import torch
 from cptfast.data.loader import PackedLoader
 
 
-def check_vocabulary(loader: PackedLoader, embedding_rows: int) -> None:
-    for name, largest in loader.max_token_ids().items():
-        if largest >= embedding_rows:
-            raise ValueError(f"{name!r} holds token id {largest} but the model's embedding has "
-                             f"{embedding_rows} rows; prepare the data with the model's "
-                             "tokenizer (or resize the embeddings first)")
-
-
-def held_out_batches(path, seq_len: int, batch_size: int, batches: int,
+def held_out_batches(source, seq_len: int, batch_size: int, batches: int,
                      device: torch.device, *, embedding_rows: int | None = None,
                      name: str = "eval") -> list:
-    """The same ``batches`` micro-batches of a held-out shard directory every time."""
-    loader = PackedLoader({name: path}, seq_len, batch_size, packing="concat", seed=1234,
-                          num_threads=0, device=device)
-    if embedding_rows is not None:
-        check_vocabulary(loader, embedding_rows)
+    """The same ``batches`` micro-batches of a held-out source (anything
+    `cptfast.data.open_source` takes) every time; token ids checked against
+    ``embedding_rows``."""
+    loader = PackedLoader({name: source}, seq_len, batch_size, packing="concat", seed=1234,
+                          num_threads=0, device=device, vocab_size=embedding_rows)
     return [next(loader) for _ in range(batches)]
 
 

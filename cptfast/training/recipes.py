@@ -56,10 +56,11 @@ def format_plan(plan: list[dict]) -> str:
 
 
 def plan_from_manifests(config: Config, world_size: int = 1) -> list[dict]:
-    """The replay plan before anything is loaded: source sizes from the shard manifests."""
-    from cptfast.data import open_shards
+    """The replay plan before the model is loaded: source sizes from the shard manifests (of
+    foreign shards, from their readers, which validate their structure)."""
+    from cptfast.data.shards import open_source
 
-    sizes = {name: open_shards(source.path, check_tokens=False).manifest.tokens
+    sizes = {name: open_source(source.spec(), name=name, check_tokens=False).num_tokens
              for name, source in config.data.sources.items()}
     tokens_per_step = config.optim.global_batch_tokens or (
         config.data.seq_len * config.data.batch_size * world_size)

@@ -57,3 +57,35 @@ def write_jsonl(path: Path, texts, field: str = "text") -> Path:
         for text in texts:
             f.write(json.dumps({field: text}, ensure_ascii=False) + "\n")
     return path
+
+
+def write_llmc_shards(directory: Path, documents, shard_tokens: int, *, eot: int = 50256,
+                      name: str = "fineweb", magic: int = 20240520, version: int = 1) -> list:
+    """What llm.c's `dev/data/fineweb.py` does: every document becomes [eot] + tokens, the
+    stream fills shards of ``shard_tokens`` tokens, a document that does not fit is cut and
+    continues in the next shard, and the last shard holds the rest. Shard 0 is validation in
+    llm.c; here every shard is ``{name}_train_{k:06d}.bin``."""
+    stream = [t for doc in documents for t in [eot] + list(doc)]
+    paths = []
+    for k, start in enumerate(range(0, len(stream), shard_tokens)):
+        path = Path(directory) / f"{name}_train_{k:06d}.bin"
+        write_llmc(path, stream[start:start + shard_tokens], magic=magic, version=version)
+        paths.append(path)
+    return paths
+
+
+def write_datatrove(path: Path, documents, dtype: str = "uint16", metadata: bool = True) -> Path:
+    """datatrove's tokenized output: ``path`` (.ds) holds the tokens, ``path.index`` the
+    uint64 end position (in tokens) of every document, ``path.metadata`` the tokenizer name
+    and token size."""
+    path = Path(path)
+    path.write_bytes(b"".join(pack_tokens(doc, dtype) for doc in documents))
+    ends, total = [], 0
+    for doc in documents:
+        total += len(doc)
+        ends.append(total)
+    Path(f"{path}.index").write_bytes(struct.pack(f"<{len(ends)}Q", *ends))
+    if metadata:
+        size = struct.calcsize(STRUCT_CHAR[dtype])
+        Path(f"{path}.metadata").write_text(f"gpt2|{size}\n{total}\n")
+    return path
