@@ -7,14 +7,16 @@
   DataLoader over an HF `datasets` Dataset with DataCollatorWithFlattening — goal >= 300 M/s;
 - non-padding share of bestfit, concat and pad-to-longest on lognormal document lengths —
   goal: bestfit >= 99 %;
-- resident memory growth over a full epoch (should be flat).
+- resident memory growth over a full epoch (should be flat);
+- the epoch index at 10 M documents: built, and opened from the on-disk cache (read, then
+  validated: counts, checksums of the header and the arrays, shape).
 """
 
 import time
 
 import numpy as np
 import pytest
-from conftest import SCALE, record_metric, record_ratio, record_series
+from conftest import REPEATS, SCALE, record_metric, record_ratio, record_series
 
 from cptfast.data import PackedLoader
 from cptfast.data.formats import MegatronShardWriter
@@ -199,3 +201,53 @@ def test_memory_is_flat_over_an_epoch(benchmark, corpus):
     growth = (after - before) / 2**20
     record_metric("private memory growth over one epoch", f"{growth:+.1f} MiB",
                   "page cache of the memory map excluded")
+
+
+def first_batch_seconds(readers, packing: str, index_cache) -> float:
+    """Seconds to the first batch of a fresh loader: the epoch index built or read back."""
+    loader = PackedLoader([readers], 64, 1, packing=packing, num_threads=0,
+                          index_cache=index_cache)
+    started = time.perf_counter()
+    loader.next_compact()
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("packing", ["concat", "bestfit"])
+def test_index_cache_validation_cost(benchmark, tmp_path_factory, packing):
+    from cptfast.data import open_source
+
+    documents = int(10_000_000 * SCALE)
+    directory = tmp_path_factory.mktemp("index")
+    rng = np.random.default_rng(0)
+    writer = MegatronShardWriter(directory, "many", np.uint16)
+    for start in range(0, documents, 1_000_000):
+        lengths = rng.integers(1, 9, min(1_000_000, documents - start), np.int64)
+        writer.add_documents(rng.integers(0, 50_000, int(lengths.sum()), dtype=np.uint16),
+                             lengths)
+    writer.close()
+    readers = open_source(str(directory / "many")).readers
+    cache = directory / "cache"
+    build = float(np.median([first_batch_seconds(readers, packing, False)
+                             for _ in range(REPEATS)]))
+    first_batch_seconds(readers, packing, cache)  # writes the cache
+    # Best of repeats for the cached open and for reading the bytes alone (what any cache
+    # must read; into a buffer already touched, so the estimate of validation is high).
+    cached = min(first_batch_seconds(readers, packing, cache) for _ in range(max(REPEATS, 3)))
+    (index_file,) = cache.glob("*.cptidx")
+    buffer = bytearray(index_file.stat().st_size)
+    reads = []
+    for _ in range(max(REPEATS, 3)):
+        started = time.perf_counter()
+        with open(index_file, "rb", buffering=0) as f:
+            f.readinto(buffer)
+        reads.append(time.perf_counter() - started)
+    read = min(reads)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(build_s=build, cached_s=cached, read_s=read)
+    documents_m = len(readers[0]) / 1e6
+    record_metric(f"epoch index ({packing}, {documents_m:.0f} M documents): build",
+                  f"{build:.3f} s", "no cache")
+    record_metric(f"epoch index ({packing}): opened from the cache (read + validated)",
+                  f"{cached:.3f} s = {cached / build:.0%} of a build",
+                  f"the {index_file.stat().st_size / 2**20:,.0f} MiB alone, into touched "
+                  f"memory: {read:.3f} s")

@@ -237,31 +237,48 @@ def test_damaged_and_stale_cache_files_are_rebuilt(tmp_path, packing):
         assert open(a_file, "rb").read() == original, what  # rebuilt and rewritten
 
 
-def checksum(data: bytes, state=None):
-    """The cache's Fletcher-style sums, written from its description: 64-bit sums of 8-byte
-    little-endian words, the tail word zero-padded and xored with (length << 56)."""
-    mask = (1 << 64) - 1
-    a, b = state or (0x9E3779B97F4A7C15, 0)
+MASK = (1 << 64) - 1
+CHUNK = 1 << 18
+
+
+def checksum_add(state, data: bytes):
+    """One step of the cache's checksum, written from its description: four lanes of
+    Fletcher sums; word j of every 32-byte block goes to lane j, the remaining whole words to
+    lane 0, then the zero-padded tail word xored with (length << 56)."""
+    a, b = state
+    blocks = len(data) - len(data) % 32
+    for offset in range(0, blocks, 32):
+        for j, (word,) in enumerate(struct.iter_unpack("<Q", data[offset:offset + 32])):
+            a[j] = (a[j] + word) & MASK
+            b[j] = (b[j] + a[j]) & MASK
     whole = len(data) - len(data) % 8
-    for (word,) in struct.iter_unpack("<Q", data[:whole]):
-        a = (a + word) & mask
-        b = (b + a) & mask
+    for (word,) in struct.iter_unpack("<Q", data[blocks:whole]):
+        a[0] = (a[0] + word) & MASK
+        b[0] = (b[0] + a[0]) & MASK
     tail = int.from_bytes(data[whole:].ljust(8, b"\0"), "little")
-    a = (a + (tail ^ ((len(data) << 56) & mask))) & mask
-    b = (b + a) & mask
-    return a, b
+    a[0] = (a[0] + (tail ^ ((len(data) << 56) & MASK))) & MASK
+    b[0] = (b[0] + a[0]) & MASK
+
+
+def checksum(pieces, chunked: bool):
+    """(sum_a, sum_b) of byte strings (arrays are summed in chunks of 2^18 bytes)."""
+    state = ([0x9E3779B97F4A7C15, 0, 0, 0], [0, 0, 0, 0])
+    for data in pieces:
+        step = CHUNK if chunked else max(len(data), 1)
+        for start in range(0, len(data), step) if chunked else [0]:
+            checksum_add(state, data[start:start + step])
+    fold = [sum(m * lane for m, lane in zip((1, 3, 5, 7), lanes)) & MASK for lanes in state]
+    return fold[0], fold[1]
 
 
 def forge_concat_epoch(documents: int, tokens: int, order, stream_start) -> bytes:
     magic = b"CPTIDX2\0"
     arrays = [np.asarray(order, "<u4").tobytes(), np.asarray(stream_start, "<i8").tobytes(),
               b"", b""]
-    state = None
-    for array in arrays:
-        state = checksum(array, state)
-    header = struct.pack("<8Q", documents, tokens, len(order), len(stream_start), 0, 0, *state)
-    c = checksum(header, checksum(magic))
-    header_sum = c[0] ^ ((c[1] * 0xFF51AFD7ED558CCD) & ((1 << 64) - 1))
+    sums = checksum(arrays, chunked=True)
+    header = struct.pack("<8Q", documents, tokens, len(order), len(stream_start), 0, 0, *sums)
+    c = checksum([magic, header], chunked=False)
+    header_sum = c[0] ^ ((c[1] * 0xFF51AFD7ED558CCD) & MASK)
     return magic + header + struct.pack("<Q", header_sum) + b"".join(arrays)
 
 
