@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from cptfast.errors import ConfigError
+
 PRESETS = {"smoke": 0.02, "small": 0.25, "medium": 1.0, "large": 4.0}  # size scale
 REPEATS = {"smoke": 1, "small": 3, "medium": 3, "large": 5}  # of each CPU timing (median)
 SUITES = ("prepare", "loader", "cross_entropy", "attention", "hf", "train", "distributed")
@@ -33,13 +35,13 @@ def bench_directory() -> Path:
 def run(suites: list[str] | None, preset: str, out: str | Path,
         repeats: int | None = None) -> dict:
     if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     repeats = REPEATS[preset] if repeats is None else repeats
     if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+        raise ConfigError(f"repeats must be at least 1, got {repeats}")
     unknown = set(suites or []) - set(SUITES)
     if unknown:
-        raise ValueError(f"unknown suites {sorted(unknown)}; choose from {', '.join(SUITES)}")
+        raise ConfigError(f"unknown suites {sorted(unknown)}; choose from {', '.join(SUITES)}")
     bench = bench_directory()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

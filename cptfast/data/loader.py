@@ -180,11 +180,11 @@ class PackedLoader:
                  index_cache: str | Path | bool | None = None, host_expand: bool | None = None,
                  loss_masks: bool = True, vocab_size: int | None = None):
         if packing not in PACKINGS:
-            raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+            raise DataError(f"packing must be one of {PACKINGS}, got {packing!r}")
         if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2 (one input and its label), got {seq_len}")
+            raise DataError(f"seq_len must be at least 2 (one input and its label), got {seq_len}")
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got "
+            raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size, got "
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
         if isinstance(sources, Mapping):
             self.source_names = [str(name) for name in sources]
@@ -194,9 +194,9 @@ class PackedLoader:
             self.source_names = [Path(s).name if isinstance(s, (str, Path)) else f"source{i}"
                                  for i, s in enumerate(specs)]
         if not specs:
-            raise ValueError("PackedLoader needs at least one source")
+            raise DataError("PackedLoader needs at least one source")
         if len(set(self.source_names)) != len(self.source_names):
-            raise ValueError(f"source names must be unique, got {self.source_names}; pass a "
+            raise DataError(f"source names must be unique, got {self.source_names}; pass a "
                              "{name: directory} mapping")
         self.weights = self._weights(weights)
 
@@ -250,14 +250,14 @@ class PackedLoader:
         if isinstance(weights, Mapping):
             unknown = set(weights) - set(self.source_names)
             if unknown:
-                raise ValueError(f"weights name unknown sources {sorted(unknown)}; sources are "
+                raise DataError(f"weights name unknown sources {sorted(unknown)}; sources are "
                                  f"{self.source_names}")
             weights = [weights.get(name, 0.0) for name in self.source_names]
         weights = [float(w) for w in weights]
         if len(weights) != len(self.source_names):
-            raise ValueError(f"got {len(weights)} weights for {len(self.source_names)} sources")
+            raise DataError(f"got {len(weights)} weights for {len(self.source_names)} sources")
         if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be finite, non-negative and sum to a positive "
+            raise DataError(f"weights must be finite, non-negative and sum to a positive "
                              f"number, got {weights}")
         return weights
 
@@ -270,10 +270,10 @@ class PackedLoader:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ValueError(f"index cache directory {directory}: {error.strerror}; pass "
+            raise DataError(f"index cache directory {directory}: {error.strerror}; pass "
                              "index_cache=<a writable directory> or index_cache=False") from None
         if not os.access(directory, os.W_OK):
-            raise ValueError(f"index cache directory {directory} is not writable; pass "
+            raise DataError(f"index cache directory {directory} is not writable; pass "
                              "index_cache=<a writable directory> or index_cache=False")
         prefixes = []
         for source_id, (source, readers) in enumerate(zip(self._sources, self._readers)):
@@ -343,11 +343,11 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; the sources, seed, packing and seq_len must match."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not "
+            raise DataError(f"loader state version {state.get('version')!r} is not "
                              f"{STATE_VERSION}")
         for key in ("seed", "packing", "seq_len", "window", "sources"):
             if state[key] != getattr(self, "source_names" if key == "sources" else key):
-                raise ValueError(
+                raise DataError(
                     f"loader state has {key}={state[key]!r} but this loader has "
                     f"{getattr(self, 'source_names' if key == 'sources' else key)!r}; resuming "
                     "would read a different stream")

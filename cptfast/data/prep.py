@@ -31,6 +31,7 @@ import numpy as np
 
 from cptfast.data.formats import (Manifest, MegatronShardWriter, ShardFileInfo, TokenizerInfo,
                                   fsync_path, token_dtype_for_vocab)
+from cptfast.errors import DataError
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -59,17 +60,17 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix_kind(p))
             if not found:
-                raise ValueError(f"{path}: directory holds no .txt, .jsonl[.gz] or .parquet files")
+                raise DataError(f"{path}: directory holds no .txt, .jsonl[.gz] or .parquet files")
             files.extend(found)
         elif not path.is_file():
             raise FileNotFoundError(f"{path}: input file not found")
         elif _suffix_kind(path) is None:
-            raise ValueError(f"{path}: unsupported input type; use .txt, .jsonl, .jsonl.gz "
+            raise DataError(f"{path}: unsupported input type; use .txt, .jsonl, .jsonl.gz "
                              "or .parquet")
         else:
             files.append(path)
     if not files:
-        raise ValueError("no input files given")
+        raise DataError("no input files given")
     return files
 
 
@@ -84,7 +85,7 @@ def iter_documents(path: Path, *, text_field: str = "text", split_lines: bool = 
     (prefix, text) pairs with ``prefix_field`` (a missing or null prefix is "")."""
     kind = _suffix_kind(path)
     if prefix_field is not None and kind == "txt":
-        raise ValueError(f"{path}: --prefix-field needs .jsonl or .parquet input (a field "
+        raise DataError(f"{path}: --prefix-field needs .jsonl or .parquet input (a field "
                          "beside the text)")
     if kind == "txt":
         try:
@@ -107,15 +108,15 @@ def iter_documents(path: Path, *, text_field: str = "text", split_lines: bool = 
                 except UnicodeDecodeError as error:
                     raise _decode_error(path, error, where) from None
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}{where}: invalid JSON ({error.msg}); each line must "
+                    raise DataError(f"{path}{where}: invalid JSON ({error.msg}); each line must "
                                      "be one JSON object") from None
                 if not isinstance(record, dict) or text_field not in record:
                     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(f"{path}{where}: no field {text_field!r} (found {keys}); "
+                    raise DataError(f"{path}{where}: no field {text_field!r} (found {keys}); "
                                      "pass --text-field with the field that holds the text")
                 text = record[text_field]
                 if text is not None and not isinstance(text, str):
-                    raise ValueError(f"{path}{where}: field {text_field!r} holds a "
+                    raise DataError(f"{path}{where}: field {text_field!r} holds a "
                                      f"{type(text).__name__}, not a string")
                 if prefix_field is not None:
                     yield (str(record.get(prefix_field) or ""), text)
@@ -125,16 +126,16 @@ def iter_documents(path: Path, *, text_field: str = "text", split_lines: bool = 
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path}: reading parquet needs pyarrow; "
+            raise DataError(f"{path}: reading parquet needs pyarrow; "
                               "`pip install 'cptfast[parquet]'`") from None
         table = pq.ParquetFile(path)
         if text_field not in table.schema_arrow.names:
-            raise ValueError(f"{path}: no column {text_field!r} (found "
+            raise DataError(f"{path}: no column {text_field!r} (found "
                              f"{table.schema_arrow.names}); pass --text-field")
         columns = [text_field] + ([prefix_field] if prefix_field is not None else [])
         missing = [c for c in columns if c not in table.schema_arrow.names]
         if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r} (found "
+            raise DataError(f"{path}: no column {missing[0]!r} (found "
                              f"{table.schema_arrow.names})")
         for batch in table.iter_batches(columns=columns, batch_size=4096):
             texts = batch.column(0).to_pylist()
@@ -143,7 +144,7 @@ def iter_documents(path: Path, *, text_field: str = "text", split_lines: bool = 
             else:
                 yield from zip((str(p or "") for p in batch.column(1).to_pylist()), texts)
     else:
-        raise ValueError(f"{path}: unsupported input type")
+        raise DataError(f"{path}: unsupported input type")
 
 
 # ---- tokenizing (runs in worker processes) ----------------------------------------------------
@@ -330,10 +331,10 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
     output = Path(output).absolute()
     files = expand_inputs(inputs)
     if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
     workers = default_workers() if workers is None else workers
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise DataError(f"workers must be at least 1, got {workers}")
     if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output}: already exists and is not empty; choose another "
                               "--output or pass --overwrite")
@@ -341,7 +342,7 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
     tok = load_tokenizer(tokenizer)
     eos_id = tok.eos_token_id
     if eos_id is None:
-        raise ValueError(f"{tokenizer}: the tokenizer defines no eos_token, so documents could "
+        raise DataError(f"{tokenizer}: the tokenizer defines no eos_token, so documents could "
                          "not be told apart in packed rows; set eos_token in its "
                          "tokenizer_config.json")
     vocab_size = len(tok)
@@ -417,7 +418,7 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer: str | P
             max_token_id=max((f.max_token_id for f in shard_files), default=-1),
             empty_documents_skipped=skipped[0], inputs=[str(p.absolute()) for p in files])
         if manifest.documents == 0:
-            raise ValueError(f"no non-empty documents in {[str(p) for p in files]}; nothing "
+            raise DataError(f"no non-empty documents in {[str(p) for p in files]}; nothing "
                              f"written ({skipped[0]} empty documents skipped)")
         manifest.write(staging)
         fsync_path(staging)

@@ -18,7 +18,7 @@ import numpy as np
 
 from cptfast._ext import extension
 from cptfast.data.formats import Manifest, sha256_file
-from cptfast.errors import ShardFormatError
+from cptfast.errors import DataError, ShardFormatError
 
 FORMATS = ("auto", "megatron", "llmc", "headerless", "datatrove")
 DELIMITER_ROLES = ("end", "start")
@@ -79,9 +79,9 @@ def open_shard(path: str | Path, *, format: str = "auto", vocab_size: int | None
     raises :class:`cptfast.errors.ShardFormatError` naming the file, byte offset and fix.
     """
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise DataError(f"format must be one of {FORMATS}, got {format!r}")
     if delimiter_role not in (None, "", *DELIMITER_ROLES):
-        raise ValueError(f"delimiter_role must be one of {DELIMITER_ROLES}, got "
+        raise DataError(f"delimiter_role must be one of {DELIMITER_ROLES}, got "
                          f"{delimiter_role!r}")
     path = Path(path)
     if format == "auto":
@@ -100,7 +100,7 @@ def open_shard(path: str | Path, *, format: str = "auto", vocab_size: int | None
     else:
         eos_id = eos_id if eos_id is not None else delimiter
         if dtype is None or eos_id is None:
-            raise ValueError(
+            raise DataError(
                 f"{path}: a headerless token file carries no dtype or document boundaries; "
                 "pass dtype='uint16' or 'uint32' and the eos_id that ends each document "
                 "(in a source's table: format = \"headerless\", dtype = \"uint16\", eos_id = N)")
@@ -329,19 +329,19 @@ def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
     if isinstance(spec, Mapping):
         table = dict(spec)
         if "path" not in table:
-            raise ValueError(f"source {name!r}: a source table needs a path")
+            raise DataError(f"source {name!r}: a source table needs a path")
         unknown = set(table) - {"path", *SOURCE_OPTIONS}
         if unknown:
-            raise ValueError(f"source {name!r}: unknown keys {sorted(unknown)}; a source takes "
+            raise DataError(f"source {name!r}: unknown keys {sorted(unknown)}; a source takes "
                              f"path and {', '.join(SOURCE_OPTIONS)}")
         spec = table.pop("path")
         options = {**options, **{k: v for k, v in table.items() if v not in (None, "")}}
     options = {k: v for k, v in options.items() if v not in (None, "")}
     unknown = set(options) - set(SOURCE_OPTIONS)
     if unknown:
-        raise ValueError(f"source {name!r}: unknown options {sorted(unknown)}")
+        raise DataError(f"source {name!r}: unknown options {sorted(unknown)}")
     if options.get("format", "auto") not in FORMATS:
-        raise ValueError(f"source {name!r}: format must be one of {', '.join(FORMATS)}, got "
+        raise DataError(f"source {name!r}: format must be one of {', '.join(FORMATS)}, got "
                          f"{options['format']!r}")
     described = str(spec)
     opened = OpenedSource(name=name, readers=[], described=described)
@@ -360,7 +360,7 @@ def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
         return opened
     items = list(spec) if isinstance(spec, Sequence) and not isinstance(spec, str) else [spec]
     if not items:
-        raise ValueError(f"source {name!r}: an empty list of shard files")
+        raise DataError(f"source {name!r}: an empty list of shard files")
     for item in items:
         if hasattr(item, "document_offsets"):  # an opened reader
             opened.readers.append(item)
@@ -369,7 +369,7 @@ def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
             opened.readers += _named(name, open_shards, item, check_tokens=check_tokens).shards
             continue
         if not isinstance(item, (str, Path)):
-            raise ValueError(f"source {name!r}: expected a path, prefix, glob, directory or a "
+            raise DataError(f"source {name!r}: expected a path, prefix, glob, directory or a "
                              f"list of them, got {item!r}")
         for path in _expand(item, name):
             opened.readers.append(_named(name, open_shard, path, **options))
@@ -392,5 +392,5 @@ def _named(name: str, function, *args, **kwargs):
         if str(error).startswith(f"source {name!r}"):
             raise
         raise ShardFormatError(f"source {name!r}: {error}") from None
-    except ValueError as error:
-        raise ValueError(f"source {name!r}: {error}") from None
+    except ValueError as error:  # a bad option (dtype, role) for this reader
+        raise DataError(f"source {name!r}: {error}") from None

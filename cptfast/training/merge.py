@@ -10,17 +10,19 @@ from pathlib import Path
 
 import torch
 
+from cptfast.errors import DataError
+
 
 def interpolate(base: dict, tuned: dict, alpha: float) -> dict:
     """The interpolated state dict (computed in fp32, stored in the tuned model's dtypes)."""
     if base.keys() != tuned.keys():
-        raise ValueError(f"the checkpoints hold different tensors: only in base "
+        raise DataError(f"the checkpoints hold different tensors: only in base "
                          f"{sorted(base.keys() - tuned.keys())[:3]}, only in tuned "
                          f"{sorted(tuned.keys() - base.keys())[:3]}")
     merged = {}
     for name, tuned_tensor in tuned.items():
         if base[name].shape != tuned_tensor.shape:
-            raise ValueError(f"{name}: shape {tuple(base[name].shape)} in base but "
+            raise DataError(f"{name}: shape {tuple(base[name].shape)} in base but "
                              f"{tuple(tuned_tensor.shape)} in tuned (an expanded vocabulary? "
                              "merge the expanded base instead)")
         if not tuned_tensor.is_floating_point():
@@ -44,7 +46,7 @@ def merge(base_dir: str | Path, tuned_dir: str | Path, alpha: float,
     from cptfast.training.evaluation import eval_loss, held_out_batches
 
     if not 0.0 <= alpha <= 1.0 or any(not 0.0 <= a <= 1.0 for a in alphas or []):
-        raise ValueError("alphas must lie in [0, 1] (0: the base, 1: the tuned model)")
+        raise DataError("alphas must lie in [0, 1] (0: the base, 1: the tuned model)")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto").state_dict()
     model = AutoModelForCausalLM.from_pretrained(tuned_dir, dtype="auto")
     tuned = {name: t.clone() for name, t in model.state_dict().items()}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from cptfast.errors import DataError
+
 INITS = ("decompose", "mean")
 
 
@@ -31,16 +33,16 @@ def expand_vocabulary(model_dir: str | Path, output: str | Path, *,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        raise DataError(f"init must be one of {INITS}, got {init!r}")
     if (tokenizer_dir is None) == (not new_tokens):
-        raise ValueError("give either a new tokenizer directory or a list of new tokens")
+        raise DataError("give either a new tokenizer directory or a list of new tokens")
     old = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer_dir is not None:
         new = AutoTokenizer.from_pretrained(tokenizer_dir)
         new_vocab = new.get_vocab()
         moved = [t for t, i in old.get_vocab().items() if new_vocab.get(t) != i]
         if moved:
-            raise ValueError(f"{tokenizer_dir} does not extend the model's tokenizer: "
+            raise DataError(f"{tokenizer_dir} does not extend the model's tokenizer: "
                              f"{len(moved)} old tokens (e.g. {moved[:3]}) have other ids or are "
                              "gone; train the new tokenizer by adding tokens to the old one")
     else:
@@ -50,7 +52,7 @@ def expand_vocabulary(model_dir: str | Path, output: str | Path, *,
     old_size = len(old)
     added = list(range(old_size, len(new)))
     if not added:
-        raise ValueError("the new tokenizer adds no tokens")
+        raise DataError("the new tokenizer adds no tokens")
     rows_before = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(max(len(new), rows_before), mean_resizing=False)
     tables = [model.get_input_embeddings().weight]
