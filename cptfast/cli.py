@@ -6,14 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from cptfast.data.prep import DEFAULT_SHARD_TOKENS
-from cptfast.errors import ExtensionNotBuiltError, NonFiniteLossError, ShardFormatError
+from cptfast.errors import CptfastError, TrainingStopped
 
-# Errors that mean "the input or the set-up is wrong": shown as one line, not a traceback.
-USER_ERRORS = (ShardFormatError, ExtensionNotBuiltError, ValueError, FileNotFoundError,
-               FileExistsError, ImportError, NonFiniteLossError)
+# Errors that mean "the input, the set-up or the machine is wrong": one line, no traceback
+# (unless --debug). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CptfastError, FileNotFoundError, FileExistsError)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -162,6 +163,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cptfast", description="Kernel-accelerated continued pretraining of causal LMs.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of every error, not only of internal ones")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
 
@@ -268,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as error:
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(error, TrainingStopped):  # not an error: the run stopped as asked
+            if os.environ.get("RANK", "0") == "0":  # once under torchrun
+                print(f"cptfast {args.command}: {error}", file=sys.stderr)
+            return error.exit_code
         print(f"cptfast {args.command}: error: {error}", file=sys.stderr)
         return 1
 

@@ -9,27 +9,34 @@ A checkpoint directory ``checkpoints/step-NNNNNNNN`` holds:
   that `transformers` loads as it is.
 Everything is written under ``step-NNNNNNNN.partial-PID``, fsynced, and renamed into place by
 rank 0 once every rank has finished, so a directory named ``step-NNNNNNNN`` is always complete;
-a run killed while writing leaves only the partial directory, which is ignored and removed.
+a run killed while writing leaves only the partial directory, which is ignored and removed. An
+old checkpoint is deleted the same way round: renamed to ``step-NNNNNNNN.deleting-PID`` first,
+then removed. A full disk ends the save with a `DiskFullError` and the partial directory
+removed; the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import warnings
 from pathlib import Path
 
 import torch
 
 from cptfast.data.formats import fsync_path
+from cptfast.errors import CheckpointError, DiskFullError, RunInUseError
 
 FORMAT = 2
 STATE_FILE = "trainer_state.pt"
 MARKER = "cptfast_checkpoint.json"
+LOCK = ".cptfast-run.lock"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -51,6 +58,34 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+@contextlib.contextmanager
+def exclusive(run_dir: str | Path, enabled: bool = True):
+    """Hold the run directory while training into it (rank 0: ``enabled``). A second
+    ``cptfast train`` into the same directory fails at once instead of both writing it, and
+    every staging or half-deleted checkpoint found is known to be abandoned, whichever process
+    (or reused PID) left it: they are removed."""
+    if not enabled:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RunInUseError(
+                f"{run_dir} is in use by {lock.read().strip() or 'another process'}; wait for "
+                "it to finish, stop it, or choose another train.output") from None
+        except OSError:  # a filesystem without locks (some NFS): carry on unguarded
+            pass
+        lock.truncate(0)
+        lock.write(f"cptfast train (pid {os.getpid()} on {socket.gethostname()})\n")
+        lock.flush()
+        _remove_abandoned(checkpoint_root(run_dir))
+        yield
+
+
 def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict, context, *,
          keep: int, export: bool, ema: dict | None = None, kill_at: int | None = None) -> Path:
     """Write checkpoint ``step`` (a collective: every rank calls it) and keep the newest
@@ -64,41 +99,55 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
     root = checkpoint_root(run_dir)
     if context.main:
         root.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned(root)
-    owner = context.gather(os.getpid())[0]  # the staging name every rank agrees on
     final = root / f"step-{step:08d}"
+    what = f"writing checkpoint {final.name}"  # for a failing collective's message
+    owner = context.gather(os.getpid(), what)[0]  # the staging name every rank agrees on
     staging = root / f"{final.name}.partial-{owner}"
-    context.barrier()
+    context.barrier(what)
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     if ema is not None:
         state["ema"] = ema
-    with _single_process_is_fine():
-        dcp.save(state, checkpoint_id=staging / "state")
-    if export:
-        _export(unwrap(model), staging, tokenizer, context)
-        if ema is not None:  # the averaged weights, as their own Hugging Face directory
-            _export(unwrap(model), staging / "ema", tokenizer, context, weights=ema)
-    if kill_at == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    rng = context.gather(_rng_state())
-    context.barrier()
+    try:
+        with _single_process_is_fine():
+            dcp.save(state, checkpoint_id=staging / "state")
+        if export:
+            _export(unwrap(model), staging, tokenizer, context)
+            if ema is not None:  # the averaged weights, as their own Hugging Face directory
+                _export(unwrap(model), staging / "ema", tokenizer, context, weights=ema)
+        if kill_at == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        rng = context.gather(_rng_state(), what)
+        context.barrier(what)
+        if context.main:
+            torch.save({**meta, "rng": rng, "world_size": context.world_size,
+                        "has_ema": ema is not None}, staging / STATE_FILE)
+            (staging / MARKER).write_text(json.dumps({"format": FORMAT, "step": step,
+                                                      "hf_export": export}) + "\n")
+            for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders
+                fsync_path(path)
+            fsync_path(staging)
+    except BaseException as error:  # dcp's CheckpointException is one; torch.save reports a
+        # full disk as "unexpected pos 704 vs 598"
+        full = DiskFullError.caused(
+            error, f"{staging}: no space left on device while writing checkpoint {final.name}; "
+                   f"the newest complete checkpoint ({latest(run_dir) or 'none yet'}) is "
+                   "intact: free some space and rerun the same command to resume")
+        if full is None:
+            raise
+        if context.main:
+            shutil.rmtree(staging, ignore_errors=True)  # give the space back
+        raise full from error
     if context.main:
-        torch.save({**meta, "rng": rng, "world_size": context.world_size,
-                    "has_ema": ema is not None}, staging / STATE_FILE)
-        (staging / MARKER).write_text(json.dumps({"format": FORMAT, "step": step,
-                                                  "hf_export": export}) + "\n")
-        for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders
-            fsync_path(path)
-        fsync_path(staging)
         if final.exists():  # the same step saved again (e.g. a stop right after a save)
-            shutil.rmtree(final)
+            _delete(final)
         os.rename(staging, final)
         fsync_path(root)
         for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
-    context.barrier()
+            if old != final:
+                _delete(old)
+    context.barrier(what)
     return final
 
 
@@ -130,7 +179,8 @@ def load_state(checkpoint: str | Path) -> dict:
         raise FileNotFoundError(f"{checkpoint} is not a complete cptfast checkpoint (no {MARKER})")
     found = json.loads(marker.read_text()).get("format")
     if found != FORMAT:
-        raise ValueError(f"{checkpoint}: checkpoint format {found}, this cptfast reads {FORMAT}")
+        raise CheckpointError(f"{checkpoint}: checkpoint format {found}, this cptfast reads "
+                              f"{FORMAT}")
     return torch.load(checkpoint / STATE_FILE, weights_only=True)
 
 
@@ -182,19 +232,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _delete(checkpoint: Path) -> None:
+    """Remove a checkpoint so that a kill midway leaves nothing that looks like one: renamed
+    away first (one atomic step), then removed."""
+    doomed = checkpoint.with_name(f"{checkpoint.name}.deleting-{os.getpid()}")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed)
+
+
 def _remove_abandoned(root: Path) -> None:
-    """Partial checkpoints of processes that no longer run (checked on rank 0's machine)."""
-    for path in root.glob("step-*.partial-*"):
-        pid = int(path.name.rsplit("-", 1)[1])
-        if pid == os.getpid() or not _alive(pid):
+    """What killed runs left in ``root``: staging directories, checkpoints being deleted, and
+    ``step-N`` directories without their marker (half deleted by an older cptfast). Only
+    called while holding the run directory (`exclusive`), so none of them is in use."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if ".partial-" in path.name or ".deleting-" in path.name or (
+                _NAME.match(path.name) and not (path / MARKER).is_file()):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

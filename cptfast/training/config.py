@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import operator
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cptfast.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -121,6 +125,9 @@ class TrainSection:
     parallel: str = _help("under torchrun: ddp | fsdp2 (per-layer fully_shard)", "ddp")
     cpu_offload: bool = _help("fsdp2: keep parameters and optimizer states on the CPU", False)
     timeout_s: int = _help("seconds a rank waits for the others before failing", 600)
+    stall_steps: int = _help("warn when the loss and grad_norm have not changed for this many "
+                             "steps (0: off)", 50)
+    on_stall: str = _help("warn | stop (with a checkpoint) when the run stalls", "warn")
 
 
 @dataclass
@@ -156,50 +163,45 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> Config:
-        """Checks that need more than one key; raises ValueError naming the key."""
+        """Every numeric value's range (`RANGES`) and the checks that need more than one key;
+        raises ConfigError naming the key, the value and what is allowed."""
         _one_of("train.precision", self.train.precision, PRECISIONS)
         _one_of("schedule.kind", self.schedule.kind, SCHEDULES)
         _one_of("schedule.decay_shape", self.schedule.decay_shape, DECAY_SHAPES)
         _one_of("data.packing", self.data.packing, ("concat", "bestfit"))
         _one_of("train.device", self.train.device, ("auto", "cpu", "cuda"))
         _one_of("train.parallel", self.train.parallel, ("ddp", "fsdp2"))
-        for key, value, low in (("train.steps", self.train.steps, 1),
-                                ("data.seq_len", self.data.seq_len, 2),
-                                ("data.batch_size", self.data.batch_size, 1),
-                                ("schedule.warmup_steps", self.schedule.warmup_steps, 0),
-                                ("checkpoint.keep", self.checkpoint.keep, 1),
-                                ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1)):
-            if value < low:
-                raise ValueError(f"{key} must be at least {low}, got {value}")
-        if not 0 <= self.train.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must lie in [0, 1), got {self.train.ema_decay}")
-        if not 0 < self.schedule.decay_fraction <= 1:
-            raise ValueError(f"schedule.decay_fraction must lie in (0, 1], got "
-                             f"{self.schedule.decay_fraction}")
-        if not 0 <= self.optim.min_lr_ratio <= 1 or not self.optim.lr > 0:
-            raise ValueError("optim.lr must be positive and optim.min_lr_ratio in [0, 1]")
+        _one_of("train.on_stall", self.train.on_stall, ("warn", "stop"))
+        for key, interval in RANGES:
+            _check_range(key, operator.attrgetter(key)(self), interval)
         if not self.model.path:
-            raise ValueError("model.path is required: a local Hugging Face model directory")
+            raise ConfigError("model.path is required: a local Hugging Face model directory")
         if not self.data.sources:
-            raise ValueError("data.sources is empty: add [data.sources.NAME] with a path")
+            raise ConfigError("data.sources is empty: add [data.sources.NAME] with a path")
+        total = sum(source.weight for source in self.data.sources.values())
+        if not 0 < total < math.inf:  # the mixture is normalised by this sum
+            weights = ", ".join(f"{name} {s.weight}" for name, s in self.data.sources.items())
+            raise ConfigError(f"data.sources.NAME.weight: the weights must be finite with a "
+                              f"positive sum, got {weights}")
         previous = 0.0
         for index, phase in enumerate(self.data.phases):
             if not previous < phase.at < 1:
-                raise ValueError(f"data.phases[{index}].at must lie in (0, 1) and increase, "
-                                 f"got {phase.at}")
+                raise ConfigError(f"data.phases[{index}].at must lie in (0, 1) and increase, "
+                                  f"got {phase.at}")
             previous = phase.at
             unknown = set(phase.weights) - set(self.data.sources)
             if unknown:
-                raise ValueError(f"data.phases[{index}].weights names unknown sources "
-                                 f"{sorted(unknown)}; sources are {sorted(self.data.sources)}")
-            if not all(w >= 0 for w in phase.weights.values()) or not sum(
+                raise ConfigError(f"data.phases[{index}].weights names unknown sources "
+                                  f"{sorted(unknown)}; sources are {sorted(self.data.sources)}")
+            if not all(0 <= w < math.inf for w in phase.weights.values()) or not sum(
                     phase.weights.values()) > 0:
-                raise ValueError(f"data.phases[{index}].weights must be >= 0 with a positive sum")
+                raise ConfigError(f"data.phases[{index}].weights must be finite and >= 0 with a "
+                                  f"positive sum, got {phase.weights}")
         previous = 0.0
         for index, stage in enumerate(self.data.stages):
             if not previous < stage.at < 1 or stage.seq_len < 2 or stage.batch_size < 0:
-                raise ValueError(f"data.stages[{index}] needs at in (0, 1) increasing, "
-                                 f"seq_len >= 2 and batch_size >= 0; got {stage}")
+                raise ConfigError(f"data.stages[{index}] needs at in (0, 1) increasing, "
+                                  f"seq_len >= 2 and batch_size >= 0; got {stage}")
             previous = stage.at
         for name, source in self.data.sources.items():
             if not source.path:
@@ -209,23 +211,72 @@ class Config:
         return self
 
 
+# The allowed range of every numeric key, checked in one place (`Config.validate`): "[" and "]"
+# include a bound, "(" and ")" exclude it. inf is never allowed, nor NaN (it fails every
+# comparison). Sources, phases and stages are checked with their tables.
+RANGES = (
+    ("model.rope_theta", "[0, inf)"),
+    ("model.max_position_embeddings", "[0, inf)"),
+    ("model.new_rows_warmup_steps", "[0, inf)"),
+    ("data.seq_len", "[2, inf)"),
+    ("data.batch_size", "[1, inf)"),
+    ("data.seed", "[0, inf)"),
+    ("optim.lr", "(0, inf)"),
+    ("optim.min_lr_ratio", "[0, 1]"),
+    ("optim.weight_decay", "[0, inf)"),
+    ("optim.beta1", "[0, 1)"),
+    ("optim.beta2", "[0, 1)"),
+    ("optim.eps", "(0, inf)"),
+    ("optim.grad_clip", "[0, inf)"),
+    ("optim.global_batch_tokens", "[0, inf)"),
+    ("schedule.warmup_steps", "[0, inf)"),
+    ("schedule.decay_fraction", "(0, 1]"),
+    ("train.steps", "[1, inf)"),
+    ("train.seed", "[0, inf)"),
+    ("train.max_nonfinite_steps", "[1, inf)"),
+    ("train.ema_decay", "[0, 1)"),
+    ("train.timeout_s", "[1, inf)"),
+    ("train.stall_steps", "[0, inf)"),
+    ("checkpoint.every", "[0, inf)"),
+    ("checkpoint.keep", "[1, inf)"),
+    ("eval.every", "[0, inf)"),
+    ("eval.batches", "[1, inf)"),  # 0 batches would report a loss that was never measured
+    ("logging.every", "[1, inf)"),
+)
+
+
+def _check_range(key: str, value, interval: str) -> None:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    if above and below:
+        return
+    if high == math.inf:  # said in words
+        allowed = f"{'at least' if interval[0] == '[' else 'greater than'} {low:g}"
+        if isinstance(value, float):
+            allowed = f"finite and {allowed}"
+    else:
+        allowed = f"in {interval}"
+    raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
 def _one_of(key: str, value: str, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-def _unknown(key: str, valid) -> ValueError:
+def _unknown(key: str, valid) -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(valid), n=1, cutoff=0.5)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
     hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-    return ValueError(f"unknown config key {key!r}{hint} (cptfast train --print-config lists "
+    return ConfigError(f"unknown config key {key!r}{hint} (cptfast train --print-config lists "
                       "every key)")
 
 
 def _build(cls, table: dict, where: str):
     """A dataclass from a TOML table, recursively, with unknown keys named."""
     if not isinstance(table, dict):
-        raise ValueError(f"{where or 'config'} must be a table, got {table!r}")
+        raise ConfigError(f"{where or 'config'} must be a table, got {table!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in table.items():
@@ -252,20 +303,20 @@ def _convert(annotation: str, value: Any, path: str):
                 for name, table in value.items()}
     if annotation == "list[StageConfig]":
         if not isinstance(value, list):
-            raise ValueError(f"{path} must be an array of [[{path}]] tables")
+            raise ConfigError(f"{path} must be an array of [[{path}]] tables")
         return [_build(StageConfig, table, f"{path}[{i}]") for i, table in enumerate(value)]
     if annotation == "dict[str, Any]":
         if not isinstance(value, dict):
-            raise ValueError(f"{path} must be a table")
+            raise ConfigError(f"{path} must be a table")
         return dict(value)
     if annotation == "list[PhaseConfig]":
         if not isinstance(value, list):
-            raise ValueError(f"{path} must be an array of [[{path}]] tables")
+            raise ConfigError(f"{path} must be an array of [[{path}]] tables")
         return [_build(PhaseConfig, table, f"{path}[{i}]") for i, table in enumerate(value)]
     if annotation == "dict[str, float]":
         if not isinstance(value, dict) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
-            raise ValueError(f"{path} must be a table of NAME = number")
+            raise ConfigError(f"{path} must be a table of NAME = number")
         return {name: float(v) for name, v in value.items()}
     if annotation == "dict[str, str]":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
@@ -276,7 +327,7 @@ def _convert(annotation: str, value: Any, path: str):
         return float(value)
     if kind is bool and not isinstance(value, bool) or not isinstance(value, kind) or (
             kind is int and isinstance(value, bool)):
-        raise ValueError(f"{path} must be {annotation}, got {value!r}")
+        raise ConfigError(f"{path} must be {annotation}, got {value!r}")
     return value
 
 
@@ -290,7 +341,7 @@ def from_dict(table: dict) -> Config:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``--section.key=value`` -> (["section", "key"], value parsed as TOML, else a string)."""
     if not text.startswith("--") or "=" not in text:
-        raise ValueError(f"overrides look like --section.key=value, got {text!r}")
+        raise ConfigError(f"overrides look like --section.key=value, got {text!r}")
     key, raw = text[2:].split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -308,14 +359,14 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         try:
             table = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
-            raise ValueError(f"{path}: not valid TOML: {error}") from None
+            raise ConfigError(f"{path}: not valid TOML: {error}") from None
     for text in overrides:
         keys, value = parse_override(text)
         node = table
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {text!r}: {key} is not a table")
+                raise ConfigError(f"override {text!r}: {key} is not a table")
         node[keys[-1]] = value
     return from_dict(table).validate()
 

@@ -8,16 +8,26 @@
   rank 0 reads the weights, the others build the model on the meta device and receive their
   shards from it.
 - small reductions for metrics, and the rank-0-only rule for files and the progress bar.
+- `Context.guard(what)`: a collective that fails because a peer died, stopped or timed out
+  becomes one `PeerFailedError` line naming this rank and the collective, not a gloo or NCCL
+  traceback (the reductions here are guarded; the loop guards the rest).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from cptfast.errors import ConfigError, CptfastError, PeerFailedError
+
+# What gloo and NCCL say when a peer is gone (their errors are plain RuntimeErrors).
+_PEER_MESSAGES = ("gloo", "NCCL", "nccl", "Timed out", "timed out", "Connection reset",
+                  "Connection closed", "Broken pipe")
 
 
 @dataclass
@@ -26,6 +36,8 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # we created the process group (so we destroy it)
+    timeout_s: int = 600
+    peer_failed: bool = False  # then the group is left alone: destroying it could hang
 
     @property
     def distributed(self) -> bool:
@@ -44,7 +56,7 @@ class Context:
         use_cuda = device_choice == "cuda" or (device_choice == "auto"
                                                and torch.cuda.is_available())
         if device_choice == "cuda" and not torch.cuda.is_available():
-            raise ValueError("train.device = \"cuda\" but no CUDA device is available")
+            raise ConfigError("train.device = \"cuda\" but no CUDA device is available")
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
@@ -52,30 +64,61 @@ class Context:
         if owns_group:
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(rank, world_size, local_rank, owns_group), device
+        return cls(rank, world_size, local_rank, owns_group, timeout_s), device
 
     def stop(self) -> None:
-        if self.owns_group and dist.is_initialized():
+        if self.owns_group and dist.is_initialized() and not self.peer_failed:
             dist.destroy_process_group()
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+    @contextlib.contextmanager
+    def guard(self, what: str):
+        """Run collectives (``what``: which, for the message); a peer that died, stopped or
+        timed out raises PeerFailedError naming this rank and ``what``."""
+        from torch.distributed.checkpoint.api import CheckpointException
 
-    def sum(self, value: float | int, device: torch.device) -> float:
+        try:
+            yield
+        except (RuntimeError, CheckpointException) as error:
+            message = str(error)
+            if (not self.distributed or isinstance(error, CptfastError) or not (
+                    isinstance(error, dist.DistError) or any(
+                        text in message for text in _PEER_MESSAGES))):
+                raise
+            self.peer_failed = True
+            detail = message.strip().splitlines()[0][:300] if message.strip() else ""
+            raise PeerFailedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed: another rank died, "
+                f"stopped or did not answer within train.timeout_s = {self.timeout_s} s; its "
+                f"own output says why ({detail})") from error
+
+    def barrier(self, what: str = "a barrier") -> None:
+        if self.distributed:
+            with self.guard(what):
+                dist.barrier()
+
+    def sum(self, value: float | int, device: torch.device, what: str = "an all-reduce") -> float:
         """The sum over ranks of a number (one all-reduce)."""
+        return self._reduce(value, device, dist.ReduceOp.SUM, what)
+
+    def max(self, value: float | int, device: torch.device, what: str = "an all-reduce") -> float:
+        """The largest of the ranks' numbers (one all-reduce)."""
+        return self._reduce(value, device, dist.ReduceOp.MAX, what)
+
+    def _reduce(self, value, device, op, what: str):
         if not self.distributed:
             return value
         total = torch.tensor(float(value), dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        return total.item()
+        with self.guard(what):
+            dist.all_reduce(total, op=op)
+            return total.item()
 
-    def gather(self, item) -> list:
+    def gather(self, item, what: str = "an all-gather") -> list:
         """Every rank's ``item`` (picklable), in rank order, on every rank."""
         if not self.distributed:
             return [item]
         items = [None] * self.world_size
-        dist.all_gather_object(items, item)
+        with self.guard(what):
+            dist.all_gather_object(items, item)
         return items
 
 
@@ -125,7 +168,8 @@ def wrap(model, parallel: str, precision: str, context: Context, device: torch.d
 def decoder_layers(model) -> list:
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard with FSDP2")
+        raise ConfigError(f"{type(model).__name__}: no decoder layers found to shard with "
+                          "train.parallel = \"fsdp2\"")
     return list(layers)
 
 

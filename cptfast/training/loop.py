@@ -8,6 +8,10 @@ held-out sets, checkpoint. Resuming restores weights, optimizer, schedule positi
 position and RNG states, so a resumed run continues bit for bit (on the CPU with deterministic
 settings), on any number of ranks: under torchrun each rank takes its share of one global
 data stream, gradients are reduced by DDP or FSDP2, and rank 0 writes the files.
+
+What is saved is good: the base model and every checkpoint are checked finite; a step without
+a counted label or with a non-finite loss changes nothing. SIGTERM (preemption) or SIGINT stops
+every rank after the same step, with a checkpoint; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +31,8 @@ import torch
 
 from cptfast import hf
 from cptfast.data.loader import PackedLoader
-from cptfast.errors import NonFiniteLossError
+from cptfast.errors import (ConfigError, DiskFullError, NonFiniteLossError,
+                            NonFiniteWeightsError, StalledError, TrainingStopped)
 from cptfast.training import checkpoint, recipes
 from cptfast.training.config import Config, to_dict
 from cptfast.training.distributed import Context, unwrap, wrap
@@ -49,22 +57,60 @@ class TrainResult:
 
 def train(config: Config) -> TrainResult:
     """Run (or resume) the training described by ``config``; returns a summary. Under
-    torchrun every rank calls it; rank 0 writes the files."""
+    torchrun every rank calls it; rank 0 writes the files. SIGTERM or SIGINT ends it with
+    `TrainingStopped` after a checkpoint."""
     from transformers.utils import logging as transformers_logging
 
     config.validate()
     transformers_logging.disable_progress_bar()  # per-save bars would drown our own
     context, device = Context.start(config.train.device, config.train.timeout_s)
     try:
-        return _train(config, context, device)
+        with contextlib.ExitStack() as cleanup:  # closed however the run ends
+            cleanup.enter_context(checkpoint.exclusive(config.train.output, context.main))
+            stop = cleanup.enter_context(_StopSignals())
+            cleanup.enter_context(context.guard("a collective in torch (gradient reduction, "
+                                                "evaluation or checkpointing)"))
+            return _train(config, context, device, stop, cleanup)
+    except OSError as error:  # a full disk outside metrics and checkpoints (e.g. the plan)
+        full = DiskFullError.caused(error, f"{error.filename or config.train.output}: no "
+                                           "space left on device")
+        if full is None:
+            raise
+        raise full from error
     finally:
         context.stop()
 
 
-def _train(config: Config, context: Context, device: torch.device) -> TrainResult:
+class _StopSignals:
+    """SIGTERM (what Slurm and Kubernetes send before preempting) and SIGINT ask the run to
+    stop at the end of the step: ``signum`` is the signal received (None: none yet). A second
+    one stops the process at once: the first restores the default action. Handlers can only
+    be installed from the main thread; elsewhere there are none."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> _StopSignals:
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._received) for s in self.SIGNALS}
+        return self
+
+    def _received(self, signum, frame) -> None:
+        self.signum = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        os.write(2, f"cptfast train: {signal.Signals(signum).name} received: stopping at the "
+                    "end of this step with a checkpoint (send it again to stop at once)\n"
+                 .encode())  # os.write: print could be interrupted in the middle of a print
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _train(config: Config, context: Context, device: torch.device, stop: _StopSignals,
+           cleanup: contextlib.ExitStack) -> TrainResult:
     run_dir = Path(config.train.output)
-    if context.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     resume_from = _resume_point(config, run_dir)
@@ -83,6 +129,12 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     flops_per_token = model_flops_per_token(model, config.data.seq_len)
     model = wrap(model, parallel, config.train.precision, context, device,
                  cpu_offload=config.train.cpu_offload)
+    bad = _non_finite_parameter(model, context)
+    if bad is not None:
+        raise NonFiniteWeightsError(
+            f"{config.model.path}: the base model's parameter {bad} holds NaN or Inf values; "
+            "training cannot start from it. Load a model whose weights are finite (a "
+            "checkpoint saved before a run diverged?)")
     new_rows = _new_rows(unwrap(model), config, context)
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
@@ -127,13 +179,21 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
         loader.load_state_dict(state["loader"])
         step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
         evals = state["evals"]
-    log = MetricsLog(run_dir, resume_step=step, enabled=context.main,
-                     progress=config.logging.progress, tensorboard=config.logging.tensorboard,
-                     total_steps=config.train.steps)
+    log = cleanup.enter_context(MetricsLog(
+        run_dir, keep_through=step if resume_from is not None else -1, enabled=context.main,
+        progress=config.logging.progress, tensorboard=config.logging.tensorboard,
+        total_steps=config.train.steps))
     peak = peak_flops(device)
     kill_at = _test_kill_points(context.rank)
+    stall = _StallWatch(config.train.stall_steps)
 
     def save(at_step: int, export: bool = config.checkpoint.export) -> Path:
+        bad = _non_finite_parameter(model, context)
+        if bad is not None:  # never saved, so never resumed from nor called good
+            raise NonFiniteLossError(
+                f"the weights became non-finite by step {at_step} ({bad} holds NaN or Inf), "
+                f"so no checkpoint was saved; the newest good one is "
+                f"{checkpoint.latest(run_dir) or 'none'}. Lower optim.lr or check the data")
         meta = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                 "loader": loader.state_dict(), "evals": evals, "config": to_dict(config)}
         return checkpoint.save(run_dir, at_step, model, optimizer, tokenizer, meta, context,
@@ -164,7 +224,8 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
         data_wait = time.perf_counter() - step_start
         # The loss is the sum over every label of the step on every rank, divided by their
         # count; data-parallel gradient reduction averages over ranks: hence the world size.
-        label_count = context.sum(sum(int((b.labels != -100).sum()) for b in batches), device)
+        label_count = context.sum(sum(int((b.labels != -100).sum()) for b in batches), device,
+                                  f"step {step + 1}'s label count")
         lr = lr_at(step, lr=config.optim.lr, steps=config.train.steps,
                    kind=config.schedule.kind, warmup_steps=config.schedule.warmup_steps,
                    min_lr_ratio=config.optim.min_lr_ratio,
@@ -178,6 +239,7 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             with _gradient_sync(model, parallel, context, last), \
+                    context.guard(f"step {step + 1}'s gradient reduction"), \
                     autocast(config.train.precision, device):
                 extra = ({"token_loss_weights": loss_weights[batch.sources.long()][:, None]
                           .expand_as(batch.labels)} if weighted else {})
@@ -190,11 +252,12 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
             loss += out.loss.detach().float()
         clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        loss_value = context.sum(float(loss), device)
+        loss_value = context.sum(float(loss), device, f"step {step + 1}'s loss")
         grad_norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                 else grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
-        if finite:
+        counted = label_count > 0  # else every label of the step is -100: nothing to learn
+        if finite and counted:
             if new_rows is not None and step < config.model.new_rows_warmup_steps:
                 _step_new_rows_only(model, optimizer, *new_rows)
             else:
@@ -202,9 +265,11 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
             if ema is not None:
                 _ema_update(ema, model, config.train.ema_decay)
             nonfinite_in_a_row = 0
-        else:  # skip: the weights stay the last good ones
+        else:  # skip: the weights and AdamW's moments stay the last good ones
             skipped += 1
-            nonfinite_in_a_row += 1
+            nonfinite_in_a_row += not finite
+        if not counted:
+            loss_value = grad_norm_value = None  # not measured (0.0 would look like one)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         step_tokens = tokens_per_micro_batch * accumulation * context.world_size
@@ -218,21 +283,37 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
                         if peak else None,
                         "data_wait_frac": data_wait / seconds, "skipped_steps": skipped,
                         "memory_bytes": peak_memory(device)},
-                 write=step % config.logging.every == 0 or not finite)
+                 write=step % config.logging.every == 0 or not (finite and counted))
         if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
             path = save(step, export=True)
-            log.close()
             raise NonFiniteLossError(
                 f"{nonfinite_in_a_row} non-finite losses in a row (last at step {step}); the "
                 f"last good weights are saved in {path}. Lower optim.lr, check the data, or "
                 "use train.precision = \"fp32\" to find the cause")
-        if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
+        if stall.update(loss_value if finite else None, grad_norm_value):
+            message = (f"loss and grad_norm have not changed for {stall.steps} steps (loss "
+                       f"{loss_value:.6g}, grad_norm {grad_norm_value:.6g} at step {step}): the "
+                       "model is not learning; check optim.lr, the data's labels and the model")
+            if config.train.on_stall == "stop":
+                raise StalledError(f"{message}. Checkpoint {save(step)} (train.on_stall = "
+                                   "\"warn\" only warns)")
+            if context.main:
+                print(f"cptfast train: warning: {message} (train.on_stall = \"stop\" stops the "
+                      "run, train.stall_steps = 0 turns this off)", file=sys.stderr)
+        # The last step's evaluation comes before its checkpoint, which then holds it.
+        if (config.eval.every and step % config.eval.every == 0) or step == config.train.steps:
             evaluate(step)
         if config.checkpoint.every and step % config.checkpoint.every == 0:
             save(step, export=config.checkpoint.export or step == config.train.steps)
             saved_step = step
         if kill_at.get("step") == step:
             os.kill(os.getpid(), 9)
+        # A signal on any rank: every rank stops after this same step.
+        signum = int(context.max(stop.signum or 0, device, f"step {step}'s stop check"))
+        if signum and step < config.train.steps:
+            path = save(step) if saved_step != step else checkpoint.latest(run_dir)
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at step {step}; "
+                                  f"checkpoint {path}; rerun the same command to resume", signum)
 
     # --- the end -------------------------------------------------------------------------------
     elapsed = time.perf_counter() - started  # the loop alone: training throughput
@@ -241,7 +322,6 @@ def _train(config: Config, context: Context, device: torch.device) -> TrainResul
     final = checkpoint.checkpoint_root(run_dir) / f"step-{step:08d}"
     if saved_step != step:
         final = save(step, export=True)
-    log.close()
     return TrainResult(run_dir, final, step, tokens_seen, skipped, evals,
                        (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
                        unwrap(model))
@@ -254,10 +334,10 @@ def _new_rows(model, config: Config, context: Context):
         return None
     old_size = getattr(model.config, "cptfast_vocab_expanded_from", None)
     if old_size is None:
-        raise ValueError("model.new_rows_warmup_steps needs a model written by `cptfast "
-                         "expand-vocab` (its config records the old vocabulary size)")
+        raise ConfigError("model.new_rows_warmup_steps needs a model written by `cptfast "
+                          "expand-vocab` (its config records the old vocabulary size)")
     if context.distributed and config.train.parallel == "fsdp2":
-        raise ValueError("model.new_rows_warmup_steps works with ddp, not fsdp2")
+        raise ConfigError("model.new_rows_warmup_steps works with ddp, not fsdp2")
     tables = [model.get_input_embeddings().weight]
     if model.get_output_embeddings().weight is not tables[0]:
         tables.append(model.get_output_embeddings().weight)
@@ -283,6 +363,40 @@ def _step_new_rows_only(model, optimizer, old_size: int, tables: list) -> None:
             table[:old_size] = rows
 
 
+def _non_finite_parameter(model, context: Context) -> str | None:
+    """The name of the first parameter holding NaN or Inf (FSDP2: in any rank's shard), the
+    same on every rank; None when all are finite."""
+    from torch.distributed.tensor import DTensor
+
+    found = None
+    for name, parameter in unwrap(model).named_parameters():
+        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+        if not bool(torch.isfinite(local).all()):
+            found = name
+            break
+    return next((name for name in context.gather(found, "the finite-weights check") if name),
+                None)
+
+
+class _StallWatch:
+    """Whether the loss and grad_norm have stopped changing (a model that cannot learn: zero
+    gradients, weights that do not matter): `update` is True once ``steps`` steps in a row
+    repeated the previous step's values (0: never). Skipped steps (None) do not count."""
+
+    def __init__(self, steps: int):
+        self.steps, self.repeats, self.last = steps, 0, None
+
+    def update(self, loss: float | None, grad_norm: float | None) -> bool:
+        if loss is None:
+            return False
+        same = self.last is not None and all(
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+            for a, b in zip((loss, grad_norm), self.last))
+        self.repeats = self.repeats + 1 if same else 0
+        self.last = (loss, grad_norm)
+        return self.steps > 0 and self.repeats == self.steps
+
+
 def _ema_start(model, config: Config) -> dict | None:
     """{parameter name: fp32 copy} when train.ema_decay is set (else None)."""
     if not config.train.ema_decay:
@@ -305,7 +419,7 @@ def _accumulation(global_batch_tokens: int, seq_len: int, batch_size: int,
     if global_batch_tokens == 0:
         return 1
     if global_batch_tokens % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"optim.global_batch_tokens = {global_batch_tokens} is not a multiple of seq_len x "
             f"batch_size x ranks = {seq_len} x {batch_size} x {world_size} = {per_step}")
     return global_batch_tokens // per_step
