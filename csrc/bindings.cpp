@@ -239,6 +239,9 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<std::vector<std::shared_ptr<TokenShard>>>(), py::arg("shards"))
       .def_property_readonly("num_documents", &Source::num_documents)
       .def_property_readonly("num_tokens", &Source::num_tokens)
+      .def_property_readonly("cut_documents", &Source::cut_documents,
+                             "Documents cut at the source's edges (a cut inside it, between "
+                             "files of one stream, is joined)")
       .def_property_readonly("dtype", [](const Source& s) {
         return cptfast::token_type_name(s.token_type());
       });

@@ -24,25 +24,71 @@ TokenType common_token_type(const std::vector<TokenType>& types) {
   return wide ? TokenType::kI64 : TokenType::kU32;  // ids are non-negative (vocabulary-checked)
 }
 
+namespace {
+// Whether two files are pieces of one delimiter-split stream (a document may cross them).
+bool same_stream(const TokenShard& a, const TokenShard& b) {
+  return a.delimiter_role() != DelimiterRole::kNone && a.kind() == b.kind() &&
+         a.delimiter_role() == b.delimiter_role() && a.delimiter() == b.delimiter() &&
+         a.num_tokens() > 0 && b.num_tokens() > 0;
+}
+
+bool is_delimiter(const TokenShard& s, int64_t i) {
+  return load_token(s.tokens(), s.token_type(), i) == s.delimiter();
+}
+}  // namespace
+
 Source::Source(std::vector<std::shared_ptr<TokenShard>> shards) : shards_(std::move(shards)) {
   if (shards_.empty()) throw std::invalid_argument("a source needs at least one shard file");
   std::vector<TokenType> types;
-  first_doc_.push_back(0);
-  for (const auto& shard : shards_) {
-    types.push_back(shard->token_type());
-    const auto& offsets = shard->document_offsets();
-    for (size_t d = 0; d + 1 < offsets.size(); ++d) {
-      const int64_t length = offsets[d + 1] - offsets[d];
-      if (length > INT32_MAX) {
-        throw std::invalid_argument(shard->path() + ": document " + std::to_string(d) +
-                                    " has more than 2^31 - 1 tokens");
-      }
-      lengths_.push_back(static_cast<int32_t>(length));
+  std::vector<int64_t> lengths;  // int64 while documents may still grow across files
+  stream_start_.push_back(0);
+  bool open = false;  // the last document may go on in the next file
+  for (size_t k = 0; k < shards_.size(); ++k) {
+    const TokenShard& shard = *shards_[k];
+    types.push_back(shard.token_type());
+    const auto& offsets = shard.document_offsets();
+    const int64_t local = static_cast<int64_t>(offsets.size()) - 1;
+    const bool follows = k > 0 && same_stream(*shards_[k - 1], shard);  // one stream
+    const bool continues = open && follows;
+    if (open && !continues) ++cut_documents_;  // the previous file's last document is cut
+    int64_t skip = 0;
+    if (continues && offsets[0] > 0) {
+      lengths.back() += offsets[0];  // the leading end-of-text closes the previous document
+    } else if (continues && local > 0 &&
+               !(shard.delimiter_role() == DelimiterRole::kStart && is_delimiter(shard, 0))) {
+      lengths.back() += offsets[1];  // the head is the rest of the previous document
+      skip = 1;
     }
-    num_tokens_ += shard->document_tokens();
-    first_doc_.push_back(static_cast<int64_t>(lengths_.size()));
+    skip_.push_back(skip);
+    first_doc_.push_back(static_cast<int64_t>(lengths.size()));
+    for (int64_t d = skip; d < local; ++d) lengths.push_back(offsets[d + 1] - offsets[d]);
+    const int64_t n = shard.num_tokens();
+    if (shard.delimiter_role() == DelimiterRole::kNone || n == 0) {
+      open = false;
+    } else {
+      // The first file of a stream whose head did not open with the delimiter starts cut
+      // (llm.c prepends the delimiter to every document, a BOS begins one).
+      const bool prepended = shard.delimiter_role() == DelimiterRole::kStart ||
+                             shard.kind() == ShardKind::kLlmc;
+      if (!follows && prepended && !is_delimiter(shard, 0) && local > 0) ++cut_documents_;
+      open = shard.delimiter_role() == DelimiterRole::kStart || !is_delimiter(shard, n - 1);
+      // A start-delimited stream's last document is complete at the source's end.
+      if (shard.delimiter_role() == DelimiterRole::kStart && k + 1 == shards_.size()) open = false;
+    }
+    stream_start_.push_back(stream_start_.back() + n);
   }
+  if (open) ++cut_documents_;
+  first_doc_.push_back(static_cast<int64_t>(lengths.size()));
   token_type_ = common_token_type(types);
+  lengths_.reserve(lengths.size());
+  for (size_t d = 0; d < lengths.size(); ++d) {
+    if (lengths[d] > INT32_MAX) {
+      throw std::invalid_argument(first_path() + ": document " + std::to_string(d) +
+                                  " of the source has more than 2^31 - 1 tokens");
+    }
+    lengths_.push_back(static_cast<int32_t>(lengths[d]));
+    num_tokens_ += lengths[d];
+  }
   if (lengths_.size() >= (1ull << 32)) {
     throw std::invalid_argument("a source may hold at most 2^32 - 1 documents; split it");
   }
@@ -66,16 +112,27 @@ void Source::copy_tokens(int64_t doc, int64_t offset, int64_t count, uint8_t* ou
         "): the epoch index does not belong to these shards. Delete the loader's index cache "
         "(index_cache=, default ~/.cache/cptfast/index) and report this as a bug.");
   }
-  const size_t k = std::upper_bound(first_doc_.begin(), first_doc_.end(), doc) - first_doc_.begin() - 1;
-  const auto& shard = shards_[k];
-  const int64_t start = shard->document_offsets()[doc - first_doc_[k]] + offset;
-  if (shard->token_type() == out_type) {
-    const int64_t isz = shard->itemsize();
-    std::memcpy(out, static_cast<const uint8_t*>(shard->tokens()) + start * isz, count * isz);
-    return;
-  }
-  for (int64_t i = 0; i < count; ++i) {  // a source of files of other dtypes: widen
-    store_token(out, out_type, i, load_token(shard->tokens(), shard->token_type(), start + i));
+  // The shard holding the document's first token (the last one whose first document it is).
+  size_t k = std::upper_bound(first_doc_.begin(), first_doc_.end() - 1, doc) - first_doc_.begin() - 1;
+  const int64_t local = doc - first_doc_[k] + skip_[k];
+  int64_t position = stream_start_[k] + shards_[k]->document_offsets()[local] + offset;
+  const int64_t out_size = token_itemsize(out_type);
+  while (count > 0) {  // a document continued in the next file crosses into its mapping
+    while (position >= stream_start_[k + 1]) ++k;
+    const TokenShard& shard = *shards_[k];
+    const int64_t start = position - stream_start_[k];
+    const int64_t n = std::min(count, stream_start_[k + 1] - position);
+    if (shard.token_type() == out_type) {
+      std::memcpy(out, static_cast<const uint8_t*>(shard.tokens()) + start * shard.itemsize(),
+                  n * out_size);
+    } else {  // a source of files of other dtypes: widen
+      for (int64_t i = 0; i < n; ++i) {
+        store_token(out, out_type, i, load_token(shard.tokens(), shard.token_type(), start + i));
+      }
+    }
+    out += n * out_size;
+    position += n;
+    count -= n;
   }
 }
 

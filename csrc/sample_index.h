@@ -21,6 +21,9 @@ enum class Packing { kConcat, kBestfit };
 TokenType common_token_type(const std::vector<TokenType>& types);
 
 // The documents of one source: the shards' documents in order, numbered 0..num_documents-1.
+// Consecutive files split by the same delimiter (llm.c shards, headerless files) form one
+// token stream: a document a file's end cuts continues into the next file and is one document
+// here, read across the two memory maps.
 class Source {
  public:
   explicit Source(std::vector<std::shared_ptr<TokenShard>> shards);
@@ -29,6 +32,8 @@ class Source {
   // The type the source's tokens are handed out in (its shards' common type).
   TokenType token_type() const { return token_type_; }
   int64_t length(int64_t doc) const { return lengths_[doc]; }
+  // Documents cut at the source's own edges (no next file to continue in, or no previous one).
+  int64_t cut_documents() const { return cut_documents_; }
   // Copies tokens [offset, offset + count) of `doc` to `out` as `out_type`. Every access is
   // bounds-checked: a document or range outside the source (an epoch index that does not
   // belong to these shards) raises a ShardError naming the source and the document.
@@ -38,9 +43,15 @@ class Source {
 
  private:
   std::vector<std::shared_ptr<TokenShard>> shards_;
-  std::vector<int64_t> first_doc_;  // [shards + 1]
+  // Shard k's tokens sit at [stream_start_[k], stream_start_[k + 1]) of the source's stream;
+  // its local documents skip_[k].. are the global ones first_doc_[k]..first_doc_[k + 1] - 1
+  // (the first skip_[k] continue the previous file's last document).
+  std::vector<int64_t> stream_start_;  // [shards + 1]
+  std::vector<int64_t> first_doc_;     // [shards + 1]
+  std::vector<int64_t> skip_;          // [shards]
   std::vector<int32_t> lengths_;
   int64_t num_tokens_ = 0;
+  int64_t cut_documents_ = 0;
   TokenType token_type_ = TokenType::kU16;
 };
 

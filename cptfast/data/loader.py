@@ -200,16 +200,12 @@ class PackedLoader:
                              "{name: directory} mapping")
         self.weights = self._weights(weights)
 
-        C = extension()
         self._sources, self._readers, self.opened = [], [], []
         for name, spec in zip(self.source_names, specs):
             opened = open_source(spec, name=name, vocab_size=vocab_size)
             self.opened.append(opened)
             self._readers.append(opened.readers)
-            try:
-                self._sources.append(C.Source(opened.readers))
-            except ValueError as error:
-                raise DataError(f"source {name!r}: {error}") from None
+            self._sources.append(opened.documents())
         known = [o for o in self.opened if o.manifest is not None]
         for other in known[1:]:
             first, fact, facts = known[0], other.manifest.tokenizer, known[0].manifest.tokenizer
@@ -382,12 +378,13 @@ class PackedLoader:
 
     def report(self) -> list[dict]:
         """Per source: rows and tokens taken so far, their share, the current epoch, and the
-        documents its files' edges cut (llm.c shards cut documents at shard boundaries)."""
+        documents cut at the source's edges (a document llm.c's writer cut at a shard boundary
+        continues in the next shard of the source and counts once, whole)."""
         global_row, rows, tokens = self._state
         total = sum(tokens) or 1
         return [{"source": name, "rows": r, "tokens": t, "share": t / total,
                  "target_share": w / sum(self.weights),
                  "epoch": self._loader.row_epoch(s, r),
-                 "cut_documents": opened.cut_documents}
-                for s, (name, r, t, w, opened) in enumerate(zip(
-                    self.source_names, rows, tokens, self.weights, self.opened))]
+                 "cut_documents": int(source.cut_documents)}
+                for s, (name, r, t, w, source) in enumerate(zip(
+                    self.source_names, rows, tokens, self.weights, self._sources))]

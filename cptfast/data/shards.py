@@ -239,14 +239,26 @@ class OpenedSource:
     manifest: object = None  # Manifest | None
     described: str = ""      # how the user named it, for messages
     files: list[str] = field(default_factory=list)
+    _documents: object = field(default=None, repr=False)
+
+    def documents(self):
+        """The source's documents as the loader sees them (``cptfast._C.Source``): files of
+        one delimiter-split stream are joined, so a document cut at a file's end is whole."""
+        if self._documents is None:
+            try:
+                self._documents = extension().Source(self.readers)
+            except ValueError as error:
+                raise DataError(f"source {self.name!r}: {error}") from None
+        return self._documents
 
     @property
     def num_tokens(self) -> int:
-        return sum(int(r.document_tokens) for r in self.readers)
+        return int(self.documents().num_tokens)
 
     @property
     def cut_documents(self) -> int:
-        return sum(int(r.cut_documents) for r in self.readers)
+        """Documents cut at the source's edges (inside it, files of one stream are joined)."""
+        return int(self.documents().cut_documents)
 
     @property
     def eos_id(self) -> int | None:

@@ -55,14 +55,16 @@ def test_every_form_of_a_megatron_source_without_a_manifest(tmp_path):
     assert documents_of(open_source(str(first))) == docs[:25]  # the bare prefix
 
 
-def llmc_objective_end_of_text_labels(paths) -> int:
-    """How often llm.c's own training has end-of-text as a label: at every position t >= 1
-    of a shard's token stream where the token is end-of-text."""
-    count = 0
-    for path in paths:
-        tokens = np.frombuffer(path.read_bytes()[1024:], dtype=np.uint16)
-        count += int((tokens[1:] == EOT).sum())
-    return count
+def llmc_stream(paths) -> np.ndarray:
+    """The tokens of llm.c shards, in order: the stream llm.c trains on."""
+    return np.concatenate([np.frombuffer(p.read_bytes()[1024:], dtype=np.uint16) for p in paths])
+
+
+def row_documents(batch) -> list[list[int]]:
+    """The documents of a batch's single row, cut where positions restart."""
+    inputs, positions = batch.input_ids[0].tolist(), batch.position_ids[0].tolist()
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    return [inputs[a:b] for a, b in zip(starts, starts[1:])]
 
 
 def test_gpt2_llmc_glob_trains_end_of_text_as_a_label(tmp_path):
@@ -71,21 +73,42 @@ def test_gpt2_llmc_glob_trains_end_of_text_as_a_label(tmp_path):
     assert len(paths) > 3
     source = {"web": str(tmp_path / "fineweb_train_*.bin")}
     total = open_source(source["web"]).num_tokens
+    assert total == len(llmc_stream(paths)) - 1  # all but the leading end-of-text
     # One row holding the whole epoch: its labels are every token but each document's first.
     loader = PackedLoader(source, total, 1, num_threads=0, index_cache=False)
     batch = next(loader)
+    # The documents are the writer's, each ended by the end-of-text after it (the last one
+    # has none), whole even where the writer cut them across shards.
+    expected = [d + [EOT] for d in docs[:-1]] + [docs[-1]]
+    assert sorted(row_documents(batch)) == sorted(expected)
     labels, positions = batch.labels[0], batch.position_ids[0]
     eot_labels = (labels == EOT).nonzero().flatten()
-    assert len(eot_labels) == llmc_objective_end_of_text_labels(paths) > 0
+    # As often as in llm.c's objective on the stream: every end-of-text after the first token.
+    assert len(eot_labels) == int((llmc_stream(paths)[1:] == EOT).sum()) == len(docs) - 1
     # ... and each one ends its document: the next position starts a new one.
     after = eot_labels + 2
     assert bool((positions[after[after < total]] == 0).all())
-    # Documents the shard boundaries cut are counted and reported.
-    edges = 0
-    for path in paths:
-        tokens = np.frombuffer(path.read_bytes()[1024:], dtype=np.uint16)
-        edges += int(tokens[0] != EOT) + int(tokens[-1] != EOT)
-    assert loader.report()[0]["cut_documents"] == edges > 0
+    # Only the last document is cut (it has no end-of-text): the source's own edge.
+    assert loader.report()[0]["cut_documents"] == 1
+
+
+@pytest.mark.parametrize("shard_tokens", [1, 2, 7, 61, 10_000])
+@pytest.mark.parametrize("magic", [20240520, 20240801])
+def test_documents_cut_at_shard_boundaries_continue_in_the_next_shard(tmp_path, magic,
+                                                                      shard_tokens):
+    # Tiny shards make documents cross several of them.
+    gpt2 = magic == 20240520
+    delimiter = EOT if gpt2 else BOS
+    docs = random_documents(9, 20, 12)
+    paths = write_llmc_shards(tmp_path, docs, shard_tokens, eot=delimiter, magic=magic,
+                              version=1 if gpt2 else 7)
+    source = {"web": str(tmp_path / "*.bin")}
+    total = open_source(source["web"]).num_tokens
+    loader = PackedLoader(source, total, 1, num_threads=0, index_cache=False)
+    expected = ([d + [EOT] for d in docs[:-1]] + [docs[-1]] if gpt2
+                else [[BOS] + d for d in docs])
+    assert sorted(row_documents(next(loader))) == sorted(expected)
+    assert loader.report()[0]["cut_documents"] == (1 if gpt2 else 0)
 
 
 def test_llama3_llmc_documents_begin_with_their_bos(tmp_path):
