@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from independent_writers import write_jsonl, write_megatron
+from independent_writers import write_megatron
 
 from cptfast._ext import extension
 from cptfast.data import PackedLoader, prepare

@@ -100,8 +100,8 @@ def test_documents_cut_at_shard_boundaries_continue_in_the_next_shard(tmp_path, 
     gpt2 = magic == 20240520
     delimiter = EOT if gpt2 else BOS
     docs = random_documents(9, 20, 12)
-    paths = write_llmc_shards(tmp_path, docs, shard_tokens, eot=delimiter, magic=magic,
-                              version=1 if gpt2 else 7)
+    write_llmc_shards(tmp_path, docs, shard_tokens, eot=delimiter, magic=magic,
+                      version=1 if gpt2 else 7)
     source = {"web": str(tmp_path / "*.bin")}
     total = open_source(source["web"]).num_tokens
     loader = PackedLoader(source, total, 1, num_threads=0, index_cache=False)
