@@ -31,14 +31,34 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from cptfast.data import verify
+    from cptfast.data.shards import open_source
 
-    opened = verify(args.directory)
-    m = opened.manifest
-    for info in m.files:
-        print(f"  {info.name}: {info.documents:,} documents, {info.tokens:,} tokens, "
-              f"max id {info.max_token_id}  ok")
-    print(f"{opened.path}: {m.documents:,} documents, {m.tokens:,} {m.dtype} tokens, vocab "
-          f"{m.tokenizer.vocab_size:,}; structure, token ids and sha256 of every file verified")
+    if (Path(args.source) / "manifest.json").is_file():
+        opened = verify(args.source)
+        m = opened.manifest
+        for info in m.files:
+            print(f"  {info.name}: {info.documents:,} documents, {info.tokens:,} tokens, "
+                  f"max id {info.max_token_id}  ok")
+        print(f"{opened.path}: {m.documents:,} documents, {m.tokens:,} {m.dtype} tokens, vocab "
+              f"{m.tokenizer.vocab_size:,}; structure, token ids and sha256 of every file "
+              "verified")
+        return 0
+    # Foreign shards carry no checksums: the readers validate their structure; with
+    # --vocab-size every token id is checked too.
+    source = open_source(args.source, name=args.source, vocab_size=args.vocab_size,
+                         format=args.format, dtype=args.dtype, eos_id=args.eos_id,
+                         delimiter=args.delimiter, delimiter_role=args.delimiter_role)
+    for reader in source.readers:
+        split = (f", split at {reader.delimiter} ({reader.delimiter_role} of a document)"
+                 if reader.delimiter is not None else "")
+        print(f"  {reader.path}: {reader.format}, {reader.num_documents:,} documents, "
+              f"{reader.document_tokens:,} {reader.dtype} tokens, max id "
+              f"{reader.max_token_id()}{split}, {reader.cut_documents} cut at the file's edges")
+    whole = source.documents()  # documents cut between files of one stream are joined
+    checked = f"token ids < {args.vocab_size}" if args.vocab_size else "no vocabulary given"
+    print(f"{args.source}: {len(source.readers)} files, {whole.num_documents:,} documents "
+          f"({whole.cut_documents} cut at the source's edges), {whole.num_tokens:,} tokens; "
+          f"structure verified ({checked}; foreign shards have no checksums)")
     return 0
 
 
@@ -190,8 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_prepare)
 
-    p = sub.add_parser("verify", help="check a shard directory (structure, token ids, sha256)")
-    p.add_argument("directory")
+    p = sub.add_parser("verify", help="check a data source (structure, token ids, sha256)",
+                       description="Check a shard directory (structure, token ids and the "
+                                   "sha256 of every file), or foreign shards (a directory, "
+                                   "prefix, file or glob of Megatron, llm.c, headerless or "
+                                   "datatrove files: structure, and token ids with "
+                                   "--vocab-size).")
+    p.add_argument("source", help="directory, prefix, file or quoted glob")
+    p.add_argument("--format", default="auto",
+                   help="auto, megatron, llmc, headerless or datatrove (%(default)s)")
+    p.add_argument("--dtype", help="headerless/datatrove token type (uint16, uint32, int32)")
+    p.add_argument("--eos-id", type=int, help="headerless: the token ending each document")
+    p.add_argument("--delimiter", type=int, help="llmc: the token splitting documents")
+    p.add_argument("--delimiter-role", choices=["end", "start"],
+                   help="the delimiter ends (a label) or starts (a BOS) a document")
+    p.add_argument("--vocab-size", type=int, help="check every token id is below this")
     p.set_defaults(run=_cmd_verify)
 
     p = sub.add_parser("expand-vocab", help="grow a model's embeddings to a larger tokenizer",

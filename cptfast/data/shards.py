@@ -66,8 +66,10 @@ def open_shard(path: str | Path, *, format: str = "auto", vocab_size: int | None
       end-of-text ends nothing and is dropped. For Llama-3 shards (20240801) it is the BOS
       (128000), which begins its document as the Llama tokenizer does (``"start"``).
       ``delimiter`` and ``delimiter_role`` override what the magic implies. llm.c's writers
-      cut documents at shard boundaries: the reader keeps both pieces as documents (a piece
-      never reaches into another file) and counts them in ``cut_documents``.
+      cut documents at shard boundaries: one file's reader keeps the pieces at its edges as
+      documents and counts them in ``cut_documents``; a source of several shards
+      (:func:`open_source`, :class:`PackedLoader`) joins them, so the document continues
+      into the next shard whole.
     - ``headerless``: raw ``dtype`` ("uint16"/"uint32"/"int32") tokens; every ``eos_id`` ends
       a document (nanoGPT's ``train.bin``), or begins one with ``delimiter_role="start"``.
     - ``datatrove``: a ``.ds`` token file with its ``.ds.index`` (uint64 document ends); the

@@ -21,6 +21,7 @@ from cptfast.errors import ConfigError
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+SOURCE_FORMATS = ("auto", "megatron", "llmc", "headerless", "datatrove")
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -48,8 +49,30 @@ class ModelConfig:
 
 
 @dataclass
-class SourceConfig:
-    path: str = _help("a shard directory written by `cptfast prepare`", "")
+class EvalSourceConfig:
+    path: str | list[str] = _help(
+        "a shard directory (`cptfast prepare`), a directory of Megatron .bin/.idx pairs, a "
+        "Megatron prefix, a .bin/.idx/.ds file, a glob (\"fineweb_train_*.bin\") or a list "
+        "of these", "")
+    format: str = _help("auto | megatron | llmc | headerless | datatrove", "auto")
+    dtype: str = _help("headerless / datatrove: uint16 | uint32 | int32 (\"\": from the "
+                       "format)", "")
+    eos_id: int = _help("headerless: the token that ends each document (-1: none given)", -1)
+    delimiter: int = _help("llmc: the token that splits documents (-1: the magic's own)", -1)
+    delimiter_role: str = _help(
+        "llmc / headerless: end (the delimiter is a document's last token, a label) | start "
+        "(its first, a BOS) (\"\": GPT-2 llm.c and headerless end, Llama-3 llm.c start)", "")
+
+    def spec(self) -> dict:
+        """The source as `cptfast.data.open_source` takes it."""
+        return {"path": self.path, "format": self.format, "dtype": self.dtype or None,
+                "eos_id": None if self.eos_id < 0 else self.eos_id,
+                "delimiter": None if self.delimiter < 0 else self.delimiter,
+                "delimiter_role": self.delimiter_role or None}
+
+
+@dataclass
+class SourceConfig(EvalSourceConfig):
     weight: float = _help("share of the training tokens (normalised over sources)", 1.0)
     loss_weight: float = _help("multiplies the loss of this source's tokens", 1.0)
 
@@ -72,8 +95,9 @@ class StageConfig:
 class DataConfig:
     sources: dict[str, SourceConfig] = _help(
         "training sources: [data.sources.NAME] tables with path and weight", factory=dict)
-    eval: dict[str, str] = _help(
-        "held-out sets by name, NAME = shard directory (e.g. domain, general)", factory=dict)
+    eval: dict[str, EvalSourceConfig] = _help(
+        "held-out sets by name: NAME = \"path\" or NAME = { path = ..., format = ... } "
+        "(e.g. domain, general)", factory=dict)
     phases: list[PhaseConfig] = _help(
         "mixture phases: [[data.phases]] tables with at and weights, e.g. domain upsampling "
         "for the final 15 %", factory=list)
@@ -203,11 +227,19 @@ class Config:
                 raise ConfigError(f"data.stages[{index}] needs at in (0, 1) increasing, "
                                   f"seq_len >= 2 and batch_size >= 0; got {stage}")
             previous = stage.at
-        for name, source in self.data.sources.items():
+        named = [(f"data.sources.{n}", s) for n, s in self.data.sources.items()]
+        for key, source in named + [(f"data.eval.{n}", s) for n, s in self.data.eval.items()]:
             if not source.path:
-                raise ValueError(f"data.sources.{name}.path is required")
+                raise ConfigError(f"{key}.path is required")
+            _one_of(f"{key}.format", source.format, SOURCE_FORMATS)
+            _one_of(f"{key}.dtype", source.dtype, ("", "uint16", "uint32", "int32"))
+            _one_of(f"{key}.delimiter_role", source.delimiter_role, ("", "end", "start"))
+            if source.format == "headerless" and (not source.dtype or source.eos_id < 0):
+                raise ConfigError(f"{key}: a headerless source needs dtype (\"uint16\" or "
+                                 "\"uint32\") and eos_id (the token that ends each document)")
+        for key, source in named:
             if not source.weight >= 0 or not source.loss_weight >= 0:
-                raise ValueError(f"data.sources.{name}.weight and loss_weight must be >= 0")
+                raise ConfigError(f"{key}.weight and loss_weight must be >= 0")
         return self
 
 
@@ -298,9 +330,21 @@ def _convert(annotation: str, value: Any, path: str):
         return _build(_SECTION_TYPES[annotation], value, path)
     if annotation == "dict[str, SourceConfig]":
         if not isinstance(value, dict):
-            raise ValueError(f"{path} must be a table of [{path}.NAME] tables")
+            raise ConfigError(f"{path} must be a table of [{path}.NAME] tables")
         return {name: _build(SourceConfig, table, f"{path}.{name}")
                 for name, table in value.items()}
+    if annotation == "dict[str, EvalSourceConfig]":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a table of NAME = \"path\" or NAME = {{ path = "
+                             "... }")
+        return {name: _build(EvalSourceConfig, table if isinstance(table, dict)
+                             else {"path": table}, f"{path}.{name}")
+                for name, table in value.items()}
+    if annotation == "str | list[str]":
+        if isinstance(value, str) or (isinstance(value, list) and value and
+                                      all(isinstance(v, str) for v in value)):
+            return value
+        raise ConfigError(f"{path} must be a path or a non-empty list of paths, got {value!r}")
     if annotation == "list[StageConfig]":
         if not isinstance(value, list):
             raise ConfigError(f"{path} must be an array of [[{path}]] tables")
@@ -318,10 +362,6 @@ def _convert(annotation: str, value: Any, path: str):
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
             raise ConfigError(f"{path} must be a table of NAME = number")
         return {name: float(v) for name, v in value.items()}
-    if annotation == "dict[str, str]":
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ValueError(f"{path} must be a table of NAME = \"shard directory\"")
-        return dict(value)
     kind = kinds[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -36,8 +36,7 @@ from cptfast.errors import (ConfigError, DiskFullError, NonFiniteLossError,
 from cptfast.training import checkpoint, recipes
 from cptfast.training.config import Config, to_dict
 from cptfast.training.distributed import Context, unwrap, wrap
-from cptfast.training.evaluation import (autocast, check_vocabulary, eval_loss,
-                                         held_out_batches)
+from cptfast.training.evaluation import autocast, eval_loss, held_out_batches
 from cptfast.training.metrics import (MetricsLog, model_flops_per_token, peak_flops,
                                       peak_memory)
 from cptfast.training.schedule import lr_at
@@ -146,10 +145,11 @@ def _train(config: Config, context: Context, device: torch.device, stop: _StopSi
         """The loader of the sequence-length stage of ``at_step`` (each stage one stream,
         seeded by its index), its tokens per micro-batch and micro-batches per step."""
         index, seq_len, batch_size = recipes.stage_at(config, at_step)
-        loader = PackedLoader({name: s.path for name, s in config.data.sources.items()},
+        loader = PackedLoader({name: s.spec() for name, s in config.data.sources.items()},
                               seq_len, batch_size, weights=recipes.weights_at(config, at_step),
                               packing=config.data.packing, seed=config.data.seed + index,
-                              rank=context.rank, world_size=context.world_size, device=device)
+                              rank=context.rank, world_size=context.world_size, device=device,
+                              vocab_size=_embedding_rows(model))
         return (loader, seq_len * batch_size,
                 _accumulation(config.optim.global_batch_tokens, seq_len, batch_size,
                               context.world_size))
@@ -160,15 +160,14 @@ def _train(config: Config, context: Context, device: torch.device, stop: _StopSi
 
     # A checkpoint holds the position after its last step, in that step's stage.
     loader, tokens_per_micro_batch, accumulation = stage_loader(max(resume_step - 1, 0))
-    check_vocabulary(loader, _embedding_rows(model))
     if context.main:  # the replay plan: tokens and epochs of each source over the whole run
         plan = recipes.mixture_plan(config, loader.source_tokens(),
                                     tokens_per_micro_batch * accumulation * context.world_size)
         (run_dir / "mixture_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-    eval_sets = {name: held_out_batches(path, config.data.seq_len, config.data.batch_size,
-                                        config.eval.batches, device,
+    eval_sets = {name: held_out_batches(source.spec(), config.data.seq_len,
+                                        config.data.batch_size, config.eval.batches, device,
                                         embedding_rows=_embedding_rows(model), name=name)
-                 for name, path in config.data.eval.items()}
+                 for name, source in config.data.eval.items()}
 
     # --- resume --------------------------------------------------------------------------------
     step, tokens_seen, skipped, nonfinite_in_a_row = 0, 0, 0, 0
@@ -491,9 +490,8 @@ def _shard_tokenizer(config: Config):
     from transformers import AutoTokenizer
 
     for source in config.data.sources.values():
-        copy = Path(source.path) / "tokenizer"  # `cptfast prepare` keeps one
-        if copy.is_dir():
-            return AutoTokenizer.from_pretrained(copy)
+        if isinstance(source.path, str) and (Path(source.path) / "tokenizer").is_dir():
+            return AutoTokenizer.from_pretrained(Path(source.path) / "tokenizer")  # prepare's copy
     return None
 
 

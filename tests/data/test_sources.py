@@ -325,3 +325,24 @@ def test_an_index_pointing_outside_the_source_raises_a_named_error(tmp_path):
     with pytest.raises(ShardFormatError, match="epoch index is broken.*document 12"):
         next(PackedLoader({"web": str(tmp_path / "a")}, 16, 2, index_cache=cache))
     shutil.rmtree(cache)
+
+
+def test_cptfast_verify_checks_foreign_shards(tmp_path, capsys):
+    from cptfast.cli import main as cli_main
+
+    docs = random_documents(10, 30, 20)
+    write_llmc_shards(tmp_path, docs, shard_tokens=150)
+    pattern = str(tmp_path / "fineweb_train_*.bin")
+    assert cli_main(["verify", pattern, "--vocab-size", "50257"]) == 0
+    out = capsys.readouterr().out
+    tokens = sum(len(d) + 1 for d in docs) - 1
+    assert f"{len(docs)} documents (1 cut at the source's edges), {tokens:,} tokens" in out
+    assert out.count("llmc,") >= 2
+    assert cli_main(["verify", pattern, "--vocab-size", "1000"]) == 1  # 50256 >= 1000
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "token id 50256" in err[0] and "1000 rows" in err[0], err
+    last = sorted(tmp_path.glob("fineweb_train_*.bin"))[-1]
+    last.write_bytes(last.read_bytes()[:-3])  # a torn write
+    assert cli_main(["verify", pattern]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and last.name in err[0] and "truncated" in err[0], err
