@@ -166,8 +166,11 @@ class Manifest:
                                    "`cptfast prepare --output` wrote.")
         if not path.is_file():
             raise ShardFormatError(
-                f"{path}: missing. A shard directory needs its manifest; an interrupted "
-                "`cptfast prepare` leaves none, so re-run it.")
+                f"{path}: missing, so {directory} is not a directory `cptfast prepare` wrote "
+                "(it publishes one only when complete). Foreign shards (Megatron, llm.c, "
+                "headerless, datatrove) need no manifest: pass the directory, a prefix, a "
+                "glob or a source table to cptfast.data.open_source / PackedLoader or name "
+                "it in [data.sources.NAME].")
         try:
             raw = json.loads(path.read_text())
             if raw.get("format") != FORMAT_NAME:
