@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from cptfast.cli import main
+from cptfast.errors import ConfigError
 from cptfast.training import config
 
 VALID = """
@@ -85,3 +87,54 @@ def test_command_line_help_print_config_and_errors(tmp_path):
     bad = run(str(write(tmp_path, VALID)), "--optim.lrr=1")
     assert bad.returncode == 1 and "did you mean optim.lr?" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--logging.every=0", "logging.every must be at least 1, got 0"),  # was ZeroDivisionError
+    ("--eval.batches=0", "eval.batches must be at least 1, got 0"),  # was a loss of 0.0000
+    ("--checkpoint.every=-1", "checkpoint.every must be at least 0, got -1"),
+    ("--checkpoint.keep=0", "checkpoint.keep must be at least 1, got 0"),
+    ("--eval.every=-5", "eval.every must be at least 0, got -5"),
+    ("--train.timeout_s=0", "train.timeout_s must be at least 1, got 0"),
+    ("--train.stall_steps=-1", "train.stall_steps must be at least 0, got -1"),
+    ("--optim.lr=inf", "optim.lr must be finite and greater than 0, got inf"),  # was accepted
+    ("--optim.lr=nan", "optim.lr must be finite and greater than 0, got nan"),
+    ("--optim.lr=0.0", "optim.lr must be finite and greater than 0, got 0.0"),
+    ("--optim.weight_decay=-inf", "optim.weight_decay must be finite and at least 0, got -inf"),
+    ("--optim.beta2=1.0", "optim.beta2 must be in [0, 1), got 1.0"),
+    ("--optim.eps=0.0", "optim.eps must be finite and greater than 0, got 0.0"),
+    ("--optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1], got 1.5"),
+    ("--schedule.decay_fraction=0.0", "schedule.decay_fraction must be in (0, 1], got 0.0"),
+    ("--model.rope_theta=inf", "model.rope_theta must be finite and at least 0, got inf"),
+    ("--train.on_stall=stall", "train.on_stall must be one of warn, stop; got 'stall'"),
+    ("--data.sources.domain.weight=0 --data.sources.general.weight=0",  # ZeroDivisionError
+     "data.sources.NAME.weight: the weights must be finite with a positive sum, got domain "
+     "0.0, general 0.0"),
+])
+def test_each_bad_value_is_one_line_naming_key_value_and_range(tmp_path, capsys, override,
+                                                                message):
+    rc = main(["train", str(write(tmp_path, VALID)), *override.split()])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == f"cptfast train: error: {message}\n"
+
+
+def test_every_range_is_in_the_table():
+    numeric = {f"{section}.{f.name}" for section, cls in config._SECTIONS.items()
+               for f in cls.__dataclass_fields__.values() if f.type in ("int", "float")}
+    assert numeric == {key for key, _ in config.RANGES}
+
+
+def test_internal_errors_keep_their_traceback_and_debug_shows_every_one(tmp_path, capsys,
+                                                                        monkeypatch):
+    path = str(write(tmp_path, VALID))
+    assert main(["--debug", "train", path, "--logging.every=0"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ConfigError" in err
+    assert err.endswith("cptfast train: error: logging.every must be at least 1, got 0\n")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug, not the user's input")
+    monkeypatch.setattr(config, "load", bug)
+    with pytest.raises(ValueError, match="a bug"):  # not swallowed into one line
+        main(["train", path])
+    assert issubclass(ConfigError, ValueError)  # `except ValueError` callers still work
