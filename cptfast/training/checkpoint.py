@@ -12,7 +12,8 @@ rank 0 once every rank has finished, so a directory named ``step-NNNNNNNN`` is a
 a run killed while writing leaves only the partial directory, which is ignored and removed. An
 old checkpoint is deleted the same way round: renamed to ``step-NNNNNNNN.deleting-PID`` first,
 then removed. A full disk ends the save with a `DiskFullError` and the partial directory
-removed; the previous checkpoints are untouched.
+removed; the previous checkpoints are untouched. `exclusive` holds a run directory for one
+training process at a time, which is what lets it remove whatever a killed run left.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
             for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders
                 fsync_path(path)
             fsync_path(staging)
-    except BaseException as error:  # dcp's CheckpointException is one; torch.save reports a
-        # full disk as "unexpected pos 704 vs 598"
+    except BaseException as error:  # (dcp's CheckpointException is a BaseException)
+        # torch's own writer reports a full disk as "unexpected pos 704 vs 598"
         full = DiskFullError.caused(
             error, f"{staging}: no space left on device while writing checkpoint {final.name}; "
                    f"the newest complete checkpoint ({latest(run_dir) or 'none yet'}) is "
@@ -140,7 +141,7 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
             shutil.rmtree(staging, ignore_errors=True)  # give the space back
         raise full from error
     if context.main:
-        if final.exists():  # the same step saved again (e.g. a stop right after a save)
+        if final.exists():  # the same step saved again
             _delete(final)
         os.rename(staging, final)
         fsync_path(root)

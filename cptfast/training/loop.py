@@ -67,7 +67,7 @@ def train(config: Config) -> TrainResult:
         with contextlib.ExitStack() as cleanup:  # closed however the run ends
             cleanup.enter_context(checkpoint.exclusive(config.train.output, context.main))
             stop = cleanup.enter_context(_StopSignals())
-            cleanup.enter_context(context.guard("a collective in torch (gradient reduction, "
+            cleanup.enter_context(context.guard("a collective in torch (model set-up, "
                                                 "evaluation or checkpointing)"))
             return _train(config, context, device, stop, cleanup)
     except OSError as error:  # a full disk outside metrics and checkpoints (e.g. the plan)

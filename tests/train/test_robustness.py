@@ -25,7 +25,8 @@ from cptfast.cli import main
 from cptfast.errors import DiskFullError, RunInUseError
 from cptfast.training import checkpoint, load, train
 from cptfast.training import loop as training_loop
-from test_train import assert_bit_identical, final_weights, run_cli, toml, uninterrupted  # noqa: F401
+from test_train import assert_bit_identical, final_weights, run_cli, toml
+from test_train import uninterrupted  # noqa: F401 (a fixture)
 
 
 def cli(setup: Path, run_dir: Path, capsys, *overrides) -> tuple[int, list[str]]:
