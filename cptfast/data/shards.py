@@ -311,6 +311,12 @@ def _expand(spec, name: str) -> list[str]:
     path = Path(text)
     if path.is_dir():
         files = _files_of_directory(path)
+        splits = {split for f in files for split in ("_train_", "_val_") if split in Path(f).name}
+        if len(splits) == 2:  # llm.c's naming: {name}_{split}_{k:06d}.bin
+            raise DataError(
+                f"source {name!r}: {path} holds both training and validation shards "
+                "(*_train_*.bin and *_val_*.bin); name one split with a glob, e.g. "
+                f"\"{path / '*_train_*.bin'}\"")
         if not files:
             raise ShardFormatError(
                 f"source {name!r}: {path} has no manifest.json and no token files (.bin/.idx "

@@ -182,6 +182,15 @@ def test_foreign_sources_are_checked_against_the_vocabulary(tmp_path):
         assert part in message, message
 
 
+def test_a_directory_of_llmc_train_and_val_shards_asks_for_a_split(tmp_path):
+    docs = random_documents(11, 20, 10)
+    write_llmc_shards(tmp_path, docs, shard_tokens=60)
+    write_llmc(tmp_path / "fineweb_val_000000.bin", [EOT, 1, 2, 3])
+    with pytest.raises(ValueError, match="both training and validation shards"):
+        PackedLoader({"web": str(tmp_path)}, 8, 1)
+    PackedLoader({"web": str(tmp_path / "*_train_*.bin")}, 8, 1)
+
+
 @pytest.mark.parametrize("spec,pattern", [
     ("{tmp}/missing", "is not a file, a directory, a Megatron prefix"),
     ("{tmp}/nothing_*.bin", "matches no file"),
