@@ -240,7 +240,6 @@ class OpenedSource:
     readers: list
     manifest: object = None  # Manifest | None
     described: str = ""      # how the user named it, for messages
-    files: list[str] = field(default_factory=list)
     _documents: object = field(default=None, repr=False)
 
     def documents(self):
@@ -370,7 +369,6 @@ def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
         directory = spec if isinstance(spec, ShardDirectory) else _named(
             name, open_shards, spec, check_tokens=check_tokens)
         opened.readers, opened.manifest = list(directory.shards), directory.manifest
-        opened.files = [r.path for r in opened.readers]
         largest = max((f.max_token_id for f in directory.manifest.files), default=-1)
         if vocab_size is not None and largest >= vocab_size:
             raise ShardFormatError(
@@ -393,7 +391,6 @@ def open_source(spec, *, name: str = "source", vocab_size: int | None = None,
                              f"list of them, got {item!r}")
         for path in _expand(item, name):
             opened.readers.append(_named(name, open_shard, path, **options))
-    opened.files = [r.path for r in opened.readers]
     if vocab_size is not None:
         for reader in opened.readers:
             try:
