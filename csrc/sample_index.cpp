@@ -49,7 +49,7 @@ Source::Source(std::vector<std::shared_ptr<TokenShard>> shards) : shards_(std::m
     const auto& offsets = shard.document_offsets();
     const int64_t local = static_cast<int64_t>(offsets.size()) - 1;
     const bool follows = k > 0 && same_stream(*shards_[k - 1], shard);  // one stream
-    const bool continues = open && follows;
+    const bool continues = open && follows && !lengths.empty();
     if (open && !continues) ++cut_documents_;  // the previous file's last document is cut
     int64_t skip = 0;
     if (continues && offsets[0] > 0) {
