@@ -49,7 +49,9 @@ def cuobjdump() -> Path:
     return path
 
 
-def compile_spec(spec: dict, arch: int) -> CompiledKernel:
+def compile_triton(spec: dict, arch: int):
+    """What ``triton.compile`` returns for one shipped configuration on sm_``arch`` (its
+    ``asm`` holds the ttir, ttgir, llir, ptx and cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -60,9 +62,13 @@ def compile_spec(spec: dict, arch: int) -> CompiledKernel:
     attrs = {(spec["fn"].arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     source = ASTSource(fn=spec["fn"], signature=spec["signature"],
                        constexprs=spec["constexprs"], attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec["num_warps"],
-                                       "num_stages": spec.get("num_stages", 3)})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": spec["num_warps"],
+                                   "num_stages": spec.get("num_stages", 3)})
+
+
+def compile_spec(spec: dict, arch: int) -> CompiledKernel:
+    compiled = compile_triton(spec, arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
