@@ -17,6 +17,10 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# SASS for the GPUs we tune for (A100, H100) and the PTX of the newest, which the driver compiles
+# for any later GPU (Blackwell and on) when the extension is first loaded there.
+NVCC_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"]
 
 
 def _want_cuda(torch_cuda: str | None, cuda_home: str | None) -> bool:
@@ -59,8 +63,7 @@ def _extension_and_cmdclass():
         define_macros=[("CPTFAST_WITH_CUDA", "1" if use_cuda else "0")],
     )
     if use_cuda:
-        nvcc_flags = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
-                      "-gencode=arch=compute_90,code=sm_90"]
+        nvcc_flags = ["-O3", "-std=c++17", *NVCC_GENCODE]
         ext = cpp_extension.CUDAExtension(
             sources=cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs)
