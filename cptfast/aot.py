@@ -108,3 +108,4 @@ if __name__ == "__main__":
 
     archs = [int(a) for a in sys.argv[1:]] or list(ARCHITECTURES)
     print(json.dumps([dataclasses.asdict(k) for k in compile_all(archs)]))
+from cptfast.perf_model import analyze  # noqa: E402,F401

@@ -176,6 +176,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
+    if args.perf:
+        from cptfast.doctor import perf_report
+        return perf_report(args.json, args.kernel)
     from cptfast.doctor import run
     return run(compile_kernels=not args.no_compile)
 
@@ -273,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="environment and ahead-of-time kernel compilation report")
     p.add_argument("--no-compile", action="store_true",
                    help="only the environment (skip compiling the kernels)")
+    p.add_argument("--perf", action="store_true",
+                   help="the static performance bound of every shipped kernel, from its SASS")
+    p.add_argument("--json", metavar="FILE", help="with --perf: write the records to FILE")
+    p.add_argument("--kernel", metavar="PREFIX",
+                   help="with --perf: only the configurations whose name starts with PREFIX")
     p.set_defaults(run=_cmd_doctor)
 
     p = sub.add_parser("demo", help="the built-in offline demo (same as `cptfast train`)")

@@ -63,3 +63,42 @@ def run(compile_kernels: bool = True) -> int:
         print(("  SPILLS " if kernel in bad else "  ") + kernel.line())
     print(f"\n{len(kernels)} configurations, {len(bad)} with spills or too much shared memory")
     return 1 if bad else 0
+
+
+def perf_report(json_path: str | None = None, kernel_prefix: str | None = None) -> int:
+    """`cptfast doctor --perf`: the static bound of every shipped kernel configuration (or
+    those whose name starts with ``kernel_prefix``) on sm_80 and sm_90, read from the SASS by
+    cptfast.perf_model, next to the published fraction of peak of its peer; records written
+    to ``json_path`` as JSON. Exit status 1 if a configuration fails, spills, or none matches."""
+    import json
+    from pathlib import Path
+
+    from cptfast.perf_model import shipped_records
+
+    try:
+        records = shipped_records(kernel_prefix)
+    except Exception as error:  # the report must say why, not crash
+        print(f"FAILED: {error}")
+        return 1
+    if not records:
+        print(f"no shipped kernel configuration starts with {kernel_prefix!r}")
+        return 1
+    print("static bound per hot-loop iteration, read from the SASS (cptfast.perf_model): an "
+          "upper bound on the fraction of peak, not a measurement")
+    print(f"{'kernel':<44} {'arch':<6} {'regs':>4} {'spill':>5} {'shared':>7} {'occ':>5} "
+          f"{'limiter':<7} {'bound':>6} {'dup':>5} {'peer':>5}  tensor ops / peer")
+    for r in records:
+        dup = "-" if r["duplicated_fraction"] is None else f"{r['duplicated_fraction']:.2f}"
+        peer = "-" if r["peer_fraction"] is None else f"{r['peer_fraction']:.2f}"
+        ops = ", ".join(f"{n}x{op}" for op, n in r["tensor_ops"].items()) or r["kind"]
+        print(f"{r['kernel']:<44} {r['arch']:<6} {r['registers']:>4} {r['spill_bytes']:>5} "
+              f"{r['shared_bytes']:>7} {r['occupancy']:>5.2f} {r['limiter']:<7} "
+              f"{r['bound_fraction']:>6.2f} {dup:>5} {peer:>5}  {ops}; {r['peer']}")
+    if json_path:
+        path = Path(json_path)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(records, indent=1))
+        temporary.replace(path)  # never a half-written file
+        print(f"\n{len(records)} records written to {path}")
+    spills = [r for r in records if r["spill_bytes"]]
+    return 1 if spills else 0
