@@ -73,6 +73,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -273,8 +274,16 @@ def occupancy(arch: Arch, num_warps: int, registers: int, shared_bytes: int) -> 
             "occupancy": ctas * num_warps / arch.max_warps}
 
 
+def cuobjdump() -> Path:
+    """The cuobjdump shipped inside the triton wheel."""
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: cuobjdump not found in the triton wheel")
+    return path
+
+
 def sass_of(cubin: bytes) -> str:
-    from cptfast.aot import cuobjdump
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
@@ -282,9 +291,8 @@ def sass_of(cubin: bytes) -> str:
                               text=True, check=True).stdout
 
 
-def _resources(cubin: bytes) -> tuple[int, int, int]:
-    """(registers, stack bytes, static shared bytes) from ``cuobjdump --dump-resource-usage``."""
-    from cptfast.aot import cuobjdump
+def resource_usage(cubin: bytes) -> tuple[int, int, int, int]:
+    """(registers, stack, static shared, local) bytes from ``cuobjdump --dump-resource-usage``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
@@ -294,7 +302,7 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
     if found is None:
         raise RuntimeError(f"no resource usage in:\n{report}")
     registers, stack, shared, local = map(int, found.groups())
-    return registers, stack + local, shared
+    return registers, stack, shared, local
 
 
 def analyze(compiled, *, arch: int | None = None, useful_flops_per_iteration: float | None = None,
@@ -311,7 +319,8 @@ def analyze(compiled, *, arch: int | None = None, useful_flops_per_iteration: fl
     spec = ARCHS[arch]
     cubin = compiled.asm["cubin"]
     warps = metadata.num_warps
-    registers, spill_bytes, static_shared = _resources(cubin)
+    registers, stack, static_shared, local = resource_usage(cubin)
+    spill_bytes = stack + local
     shared = max(static_shared, metadata.shared)
 
     instructions = parse_sass(sass_of(cubin))
@@ -369,15 +378,21 @@ def analyze(compiled, *, arch: int | None = None, useful_flops_per_iteration: fl
     }
 
 
-def useful_flops(spec: dict) -> float | None:
-    """The tensor FLOPs one hot-loop iteration of a shipped kernel must do (its dots at the
-    tile size), or None for kernels without a matmul."""
-    name, c = spec["name"], spec["constexprs"]
-    if name.startswith("attention_"):
-        dots = {"forward": 2, "dkdv": 4, "dk": 3, "dv": 2, "dq": 3}  # tl.dot per iteration
-        kind = name.split("[")[0].removeprefix("attention_")
-        return dots[kind] * 2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_D"]
-    if name.startswith("fused_linear_ce"):
+def useful_flops(kernel: str, constexprs: dict) -> float | None:
+    """The tensor FLOPs one hot-loop iteration of a shipped kernel (the JITFunction's name and
+    its constexprs) must do: its dots at the tile size; None for kernels without a matmul."""
+    c = constexprs
+    if kernel.startswith("attention_"):
+        if kernel == "attention_forward_kernel":
+            dots = 2                       # q k^T, p v
+        elif kernel == "attention_backward_dq_kernel":
+            dots = 3                       # q k^T, do v^T, ds k
+        else:  # dk/dv: q k^T, then do v^T and ds^T q for dk, p^T do for dv
+            dots = 1 + 2 * bool(c.get("WANT_DK")) + bool(c.get("WANT_DV"))
+        return dots * 2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_D"]
+    if kernel == "matmul_kernel":  # the calibration matmul (cptfast.kernels.calibration)
+        return 2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]
+    if kernel.startswith("fused_linear_cross_entropy"):
         return 2 * c["BLOCK_N"] * c["BLOCK_V"] * c["BLOCK_H"]
     return None
 
@@ -387,47 +402,3 @@ def peer(kernel: str, arch: int) -> tuple[float | None, str]:
         if kernel.startswith(prefix) and peer_arch == arch:
             return value
     return None, ""
-
-
-def analyze_spec(spec: dict, arch: int) -> dict:
-    """``analyze`` for one shipped configuration (cptfast.aot.shipped_specs()), with its
-    useful FLOPs and its peer's published fraction of peak."""
-    from cptfast.aot import compile_triton
-
-    head = re.search(r"D=(\d+)", spec["name"])
-    config = {**{k: v for k, v in spec["constexprs"].items() if k.startswith("BLOCK")},
-              "num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)}
-    record = analyze(compile_triton(spec, arch), arch=arch,
-                     useful_flops_per_iteration=useful_flops(spec), kernel=spec["name"],
-                     config=config, head_dim=int(head.group(1)) if head else None)
-    record["peer_fraction"], record["peer"] = peer(spec["name"], arch)
-    return record
-
-
-def shipped_records(kernel_prefix: str | None = None, architectures=(80, 90)) -> list[dict]:
-    """``analyze_spec`` for every shipped configuration (whose name starts with
-    ``kernel_prefix``, if given) and architecture, compiling in a fresh process when this one
-    runs Triton's interpreter (whose kernels cannot be compiled)."""
-    import json
-    import os
-    import sys
-
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        from cptfast.aot import shipped_specs
-        return [analyze_spec(spec, arch) for spec in shipped_specs()
-                if spec["name"].startswith(kernel_prefix or "") for arch in architectures]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    output = subprocess.run([sys.executable, "-m", "cptfast.perf_model", kernel_prefix or "",
-                             *map(str, architectures)], env=env, capture_output=True, text=True,
-                            check=False)
-    if output.returncode != 0:
-        raise RuntimeError(f"static performance model failed:\n{output.stderr[-4000:]}")
-    return json.loads(output.stdout)
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    archs = [int(a) for a in sys.argv[2:]] or [80, 90]
-    print(json.dumps(shipped_records(sys.argv[1] if len(sys.argv) > 1 else None, archs)))

@@ -19,8 +19,6 @@ up to 256 are padded to a power of two and masked.
 
 from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -274,7 +272,6 @@ _BLOCKS = {
           "dq": (64, 32, 8, 3)},
 }
 
-SHIPPED_HEAD_DIMS = (16, 32, 64, 128, 256)  # padded head dims; 80 and 96 run as 128
 
 
 def live_tiles(cu_seqlens: list[int], block_m: int, block_n: int, causal: bool = True,
@@ -361,52 +358,3 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), causal, float(scale),
                                   None if softcap is None else float(softcap), window,
                                   tile_counts)
-
-
-def aot_specs() -> list[dict]:
-    """Every shipped configuration of the three kernels (GQA group 2, causal, with window),
-    for ahead-of-time compilation checks. Pointers, strides and head_dim are declared
-    multiples of 16, the specialization Triton compiles for contiguous [T, H, D] tensors."""
-    pointer = "*{dtype}"
-    scalars = {"scale": "fp32", "softcap": "fp32", "window": "i32", "head_dim": "i32"}
-
-    def signature(pointers, strides):
-        return {**{name: types for name, types in pointers.items()}, **scalars,
-                **{f"stride_{n}": "i32" for n in strides}}
-
-    forward = signature({"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
-                         "o_ptr": pointer, "lse_ptr": "*fp32", "cu_seqlens_ptr": "*i32",
-                         "tiles_ptr": "*i32"},
-                        ("qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "lse_h"))
-    dkdv = signature({"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "do_ptr": pointer,
-                      "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": pointer,
-                      "dv_ptr": pointer, "cu_seqlens_ptr": "*i32"},
-                     ("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "dkt", "dkh", "dvt",
-                      "dvh", "lse_h"))
-    dq = signature({"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "do_ptr": pointer,
-                    "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": pointer,
-                    "cu_seqlens_ptr": "*i32"},
-                   ("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "dqt", "dqh", "lse_h"))
-    kernels = {"forward": (attention_forward_kernel, forward, {"COUNT_TILES": False}),
-               "dkdv": (attention_backward_dkdv_kernel, dkdv, {"WANT_DK": True, "WANT_DV": True}),
-               "dk": (attention_backward_dkdv_kernel, dkdv, {"WANT_DK": True, "WANT_DV": False}),
-               "dv": (attention_backward_dkdv_kernel, dkdv, {"WANT_DK": False, "WANT_DV": True}),
-               "dq": (attention_backward_dq_kernel, dq, {})}
-    specs = []
-    for dtype, head_dim, softcap in itertools.product(("bf16", "fp16"), SHIPPED_HEAD_DIMS,
-                                                      (False, True)):
-        for kernel, config in launch_config(head_dim).items():
-            fn, types, extra = kernels[kernel]
-            types = {name: t.format(dtype=dtype) for name, t in types.items()}
-            constexprs = {"GROUP": 2, "CAUSAL": True, "HAS_WINDOW": True, "HAS_SOFTCAP": softcap,
-                          "FP32_DOT": False, **extra,
-                          **{b: config[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}}
-            aligned = [name for name, t in types.items()
-                       if t.startswith("*") or name == "head_dim"
-                       or (name.startswith("stride_") and name != "stride_lse_h")]
-            name = f"attention_{kernel}[{dtype},D={head_dim}{',softcap' if softcap else ''}]"
-            specs.append({"name": name, "fn": fn,
-                          "signature": {**types, **{c: "constexpr" for c in constexprs}},
-                          "constexprs": constexprs, "aligned": aligned,
-                          "num_warps": config["num_warps"], "num_stages": config["num_stages"]})
-    return specs

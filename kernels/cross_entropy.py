@@ -105,8 +105,6 @@ def launch_config(vocab: int) -> dict:
     return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
 
 
-# Every configuration launch_config can return.
-SHIPPED_CONFIGS = [launch_config(2 ** k) for k in range(6, 13)]
 
 
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *,
@@ -184,24 +182,3 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     loss, lse = _TritonCrossEntropy.apply(logits, labels, ignore_index, label_smoothing, z_loss,
                                           softcap, reduction)
     return (loss, lse) if return_lse else loss
-
-
-def aot_specs() -> list[dict]:
-    """Every shipped configuration of the kernel, for ahead-of-time compilation checks
-    (cptfast.aot): each dtype x launch config, with every optional feature compiled in."""
-    specs = []
-    for dtype in ("fp32", "bf16", "fp16"):
-        for config in SHIPPED_CONFIGS:
-            signature = {
-                "logits_ptr": f"*{dtype}", "logits_row_stride": "i64", "labels_ptr": "*i64",
-                "loss_ptr": "*fp32", "lse_ptr": "*fp32", "grad_ptr": f"*{dtype}",
-                "grad_row_stride": "i64", "scale_ptr": "*fp32", "vocab": "i32",
-                "ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32",
-                "softcap": "fp32", "HAS_SOFTCAP": "constexpr", "COMPUTE_GRAD": "constexpr",
-                "SCALE_PER_ROW": "constexpr", "BLOCK_V": "constexpr"}
-            constexprs = {"HAS_SOFTCAP": True, "COMPUTE_GRAD": True, "SCALE_PER_ROW": True,
-                          "BLOCK_V": config["BLOCK_V"]}
-            specs.append({"name": f"cross_entropy_forward[{dtype},BLOCK_V={config['BLOCK_V']}]",
-                          "fn": cross_entropy_forward_kernel, "signature": signature,
-                          "constexprs": constexprs, "num_warps": config["num_warps"]})
-    return specs

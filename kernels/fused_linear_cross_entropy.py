@@ -98,7 +98,6 @@ def launch_config(hidden_size: int) -> dict:
     return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8}
 
 
-SHIPPED_CONFIGS = [launch_config(0)]
 
 
 DEFAULT_CHUNK_BYTES = 256 << 20  # one chunk of logits, in the logits' dtype
@@ -218,25 +217,3 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                                label_smoothing, z_loss, softcap, reduction,
                                                chunk_bytes or DEFAULT_CHUNK_BYTES)
     return (loss, lse) if return_lse else loss
-
-
-def aot_specs() -> list[dict]:
-    """Every shipped configuration of the tile kernel, for ahead-of-time compilation checks."""
-    specs = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for config in SHIPPED_CONFIGS:
-            flags = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "FP32_DOT": dtype == "fp32",
-                     "BLOCK_N": config["BLOCK_N"], "BLOCK_V": config["BLOCK_V"],
-                     "BLOCK_H": config["BLOCK_H"]}
-            signature = {
-                "hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
-                "labels_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "n_rows": "i32",
-                "vocab": "i32", "hidden_size": "i32", "stride_hn": "i32", "stride_hh": "i32",
-                "stride_wv": "i32", "stride_wh": "i32", "ignore_index": "i32",
-                "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32",
-                **{name: "constexpr" for name in flags}}
-            specs.append({"name": f"fused_linear_ce_forward[{dtype}]",
-                          "fn": fused_linear_cross_entropy_forward_kernel,
-                          "signature": signature, "constexprs": flags,
-                          "num_warps": config["num_warps"]})
-    return specs

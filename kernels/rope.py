@@ -47,7 +47,6 @@ def launch_config(heads: int, head_dim: int) -> dict:
             "BLOCK_HALF": max(triton.next_power_of_2(head_dim // 2), 8), "num_warps": 4}
 
 
-SHIPPED_CONFIGS = [launch_config(h, d) for h in (1, 2, 4, 8, 16) for d in (64, 128, 256)]
 
 
 def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False):
@@ -84,21 +83,3 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     assumed checked (cptfast.ops does)."""
     cos, sin = cos.contiguous(), sin.contiguous()
     return _RotaryInPlace.apply(q, cos, sin), _RotaryInPlace.apply(k, cos, sin)
-
-
-def aot_specs() -> list[dict]:
-    """Every shipped configuration, for ahead-of-time compilation checks."""
-    specs = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for config in SHIPPED_CONFIGS:
-            constexprs = {"BACKWARD": False, "BLOCK_H": config["BLOCK_H"],
-                          "BLOCK_HALF": config["BLOCK_HALF"]}
-            signature = {"x_ptr": f"*{dtype}", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-                         "heads": "i32", "half": "i32", "stride_xt": "i32", "stride_xh": "i32",
-                         "stride_ct": "i32", "stride_st": "i32",
-                         **{name: "constexpr" for name in constexprs}}
-            specs.append({"name": f"rope[{dtype},BLOCK_H={config['BLOCK_H']},"
-                                  f"HALF={config['BLOCK_HALF']}]",
-                          "fn": rope_kernel, "signature": signature, "constexprs": constexprs,
-                          "num_warps": config["num_warps"]})
-    return specs
