@@ -213,6 +213,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """Cross-entropy of hidden [N, H] @ weight [V, H].T (+ bias [V]) against labels [N];
     semantics of cross_entropy.py; gradients in row chunks of about ``chunk_bytes`` of logits.
     Inputs are assumed checked (cptfast.ops does)."""
+    if not torch.is_grad_enabled():  # no gradient wanted, though the weights require one
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
                                                label_smoothing, z_loss, softcap, reduction,
                                                chunk_bytes or DEFAULT_CHUNK_BYTES)
