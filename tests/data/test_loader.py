@@ -1,8 +1,16 @@
 """The packed loader against the numpy oracle (cptfast/data/packing_reference.py), and the
 properties users rely on: coverage, no cross-document labels, disjoint ranks, exact resume,
-mixture shares."""
+mixture shares.
+
+The tests of expanded batches take the test device: on the CPU a batch is expanded on the host
+(csrc/packed_batch.h); with CPTFAST_TEST_DEVICE=cuda the compact batch is copied to the GPU and
+expanded there by the kernel of csrc/expand_batch.cu (what PackedLoader(device="cuda") does), and
+compared with the same oracles. Expansion outputs start poisoned on every device, so a position
+the rule forgets cannot pass. Index, packing, mixture and error tests are host logic and run on
+the CPU in both modes."""
 
 from collections import Counter
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,10 +21,24 @@ from independent_writers import write_megatron
 
 from cptfast._ext import extension
 from cptfast.data import PackedLoader, prepare
+from cptfast.data import loader as loader_module
 from cptfast.data.packing_reference import CompactRow, ReferenceStream, expand
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+POISON = np.iinfo(np.int64).min  # what expansion outputs hold before the rule writes them
+
+
+@pytest.fixture(scope="session")
+def batch_device(device):
+    """Where PackedLoader puts (and, on CUDA, expands) its batches in this test mode. In the
+    CUDA mode the expansion kernel must exist: with a CPU-only extension PackedLoader(device=
+    "cuda") would expand on the host and copy, and the kernel would go untested."""
+    if device.type == "cuda" and not extension().has_cuda:
+        pytest.fail("CUDA test mode: cptfast._C was built without CUDA, so the device expansion "
+                    "kernel (csrc/expand_batch.cu) cannot be tested; rebuild it with a CUDA torch "
+                    "and nvcc (`CPTFAST_CUDA=1 pip install --no-build-isolation -e .`)")
+    return device
 
 
 def write_sources(directory, corpora, dtype="uint16"):
@@ -42,8 +64,8 @@ corpus = st.lists(st.lists(st.integers(0, 999), min_size=0, max_size=45), min_si
        batch_size=st.integers(1, 3), world_size=st.integers(1, 3), data=st.data(),
        packing=st.sampled_from(["concat", "bestfit"]), seed=st.integers(0, 2**64 - 1),
        window=st.integers(1, 9), threads=st.sampled_from([0, 2]), host_expand=st.booleans())
-def test_loader_matches_reference(tmp_path_factory, corpora, seq_len, batch_size, world_size,
-                                  data, packing, seed, window, threads, host_expand):
+def test_loader_matches_reference(tmp_path_factory, batch_device, corpora, seq_len, batch_size,
+                                  world_size, data, packing, seed, window, threads, host_expand):
     rank = data.draw(st.integers(0, world_size - 1))
     weights = data.draw(st.lists(st.floats(0.05, 5), min_size=len(corpora),
                                  max_size=len(corpora)))
@@ -61,7 +83,7 @@ def test_loader_matches_reference(tmp_path_factory, corpora, seq_len, batch_size
         np.testing.assert_array_equal(compact.tokens, np.stack([r.tokens for r in rows]))
         assert compact.row_used.tolist() == [r.used for r in rows]
         assert compact.segment_starts.tolist() == [s for r in rows for s in r.segment_starts]
-        got = expand_batch(compact)
+        got = expand_batch(compact, batch_device)
         want = expand(rows, seq_len, pad_id=7)
         for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"batch {k} {key}")
@@ -69,12 +91,49 @@ def test_loader_matches_reference(tmp_path_factory, corpora, seq_len, batch_size
     assert loader.state_dict()["rows"] == reference.blend_state(6 * batch_size * world_size)[0]
 
 
-def expand_batch(compact):
-    from cptfast.data.loader import expand as loader_expand
-    batch = loader_expand(compact)
-    return {"input_ids": batch.input_ids.numpy(), "labels": batch.labels.numpy(),
-            "position_ids": batch.position_ids.numpy(), "cu_seqlens": batch.cu_seqlens.numpy(),
-            "max_seqlen": batch.max_seqlen}
+def expand_on(compact, device):
+    """Expand a compact batch as PackedLoader does for ``device``: on the host, or copied to a
+    CUDA device and expanded there by the kernel. The int64 outputs it allocates start poisoned
+    (on the device too, where fresh memory may still hold an earlier batch's right answer)."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        if tensor.dtype == torch.int64 and not kwargs.get("pin_memory", False):
+            tensor.fill_(POISON)
+        return tensor
+
+    with mock.patch.object(loader_module.torch, "empty", poisoned_empty):
+        if device.type == "cpu":
+            batch = loader_module.expand(compact)
+        else:
+            batch = loader_module.expand_on_device(compact, device)
+    for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "sources", "global_rows"):
+        assert getattr(batch, name).device.type == device.type, name
+    return batch
+
+
+def expand_batch(compact, device):
+    batch = expand_on(compact, device)
+    return {"input_ids": batch.input_ids.cpu().numpy(), "labels": batch.labels.cpu().numpy(),
+            "position_ids": batch.position_ids.cpu().numpy(),
+            "cu_seqlens": batch.cu_seqlens.cpu().numpy(), "max_seqlen": batch.max_seqlen}
+
+
+def expand_arrays_on_device(tokens, used, row_segments, starts, pad_id, device):
+    """The CUDA kernel of csrc/expand_batch.cu on a compact batch given as arrays (copied to
+    the device); returns (input_ids, labels, position_ids) as numpy, from poisoned outputs."""
+    C = extension()
+    staged = [torch.from_numpy(np.ascontiguousarray(a)).to(device)
+              for a in (tokens, used, row_segments, starts)]
+    rows, seq_len = tokens.shape[0], tokens.shape[1] - 1
+    outputs = [torch.full((rows, seq_len), POISON, dtype=torch.int64, device=device)
+               for _ in range(3)]
+    C.expand_on_device(staged[0].data_ptr(), tokens.dtype.name, rows, seq_len,
+                       staged[1].data_ptr(), staged[2].data_ptr(), staged[3].data_ptr(), pad_id,
+                       *(o.data_ptr() for o in outputs),
+                       torch.cuda.current_stream(device).cuda_stream)
+    return [o.cpu().numpy() for o in outputs]  # .cpu() waits for the kernel
 
 
 @st.composite
@@ -95,18 +154,24 @@ def compact_rows(draw):
 @settings(max_examples=300, deadline=None)
 @given(case=compact_rows(), pad_id=st.integers(0, 65535), by_token=st.booleans(),
        dtype=st.sampled_from(["uint16", "int32", "uint32"]))
-def test_expansion_matches_reference(case, pad_id, by_token, dtype):
-    # by_token=True runs the per-token search of the CUDA kernel, on the CPU.
+def test_expansion_matches_reference(batch_device, case, pad_id, by_token, dtype):
+    # by_token=True runs the per-token search of the CUDA kernel, on the CPU; in the CUDA mode
+    # the kernel itself also expands the same rows on the GPU.
     seq_len, rows = case
     tokens = np.stack([r.tokens for r in rows]).astype(dtype)
+    used = np.array([r.used for r in rows], np.int32)
     row_segments = np.cumsum([0] + [len(r.segment_starts) for r in rows]).astype(np.int32)
     starts = np.array([s for r in rows for s in r.segment_starts], dtype=np.int32)
-    got = extension().expand_compact(tokens, np.array([r.used for r in rows], np.int32),
-                                     row_segments, starts, pad_id, by_token)
+    got = extension().expand_compact(tokens, used, row_segments, starts, pad_id, by_token)
     want = expand(rows, seq_len, pad_id=pad_id)
     for value, key in zip(got, ("input_ids", "labels", "position_ids", "cu_seqlens")):
         np.testing.assert_array_equal(value, want[key], err_msg=key)  # outputs were poisoned
     assert got[4] == want["max_seqlen"]
+    if batch_device.type == "cuda":
+        on_device = expand_arrays_on_device(tokens, used, row_segments, starts, pad_id,
+                                            batch_device)
+        for value, key in zip(on_device, ("input_ids", "labels", "position_ids")):
+            np.testing.assert_array_equal(value, want[key], err_msg=f"{key} (CUDA kernel)")
 
 
 def test_expansion_rejects_inconsistent_rows():
@@ -125,16 +190,17 @@ def documents(seed, count, longest):
     return [rng.integers(1, 60000, int(n)).tolist() for n in rng.integers(1, longest, count)]
 
 
-def test_concat_labels_every_token_but_document_firsts_once_per_epoch(tmp_path):
+def test_concat_labels_every_token_but_document_firsts_once_per_epoch(tmp_path, batch_device):
     docs = documents(0, 200, 60) + [[5]] * 10  # includes one-token documents
     (files,) = write_sources(tmp_path, [docs])
     seq_len = 32
-    loader = PackedLoader([files], seq_len, 4, num_threads=2)
+    loader = PackedLoader([files], seq_len, 4, num_threads=2, device=batch_device)
     epoch_tokens = sum(map(len, docs))
     inputs, labels = Counter(), Counter()
     position = 0  # stream position of the row's first slot
     while position < epoch_tokens:
         batch = next(loader)
+        assert batch.input_ids.device.type == batch.labels.device.type == batch_device.type
         for ids, labs in zip(batch.input_ids.tolist(), batch.labels.tolist()):
             for t in range(seq_len):
                 if position + t < epoch_tokens:
@@ -168,16 +234,17 @@ def test_bestfit_never_truncates_and_counts_padding(tmp_path):
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
-def test_no_label_crosses_a_document(tmp_path, packing):
+def test_no_label_crosses_a_document(tmp_path, batch_device, packing):
     sources = write_sources(tmp_path, [documents(2, 150, 40), documents(3, 100, 90)])
-    loader = PackedLoader(sources, 24, 3, packing=packing, weights=[1, 2], num_threads=2)
-    from cptfast.data.loader import expand as loader_expand
+    loader = PackedLoader(sources, 24, 3, packing=packing, weights=[1, 2], num_threads=2,
+                          device=batch_device)
 
     for _ in range(30):
         compact = loader.next_compact()
-        b = loader_expand(compact)
+        b = expand_on(compact, batch_device)
         positions, labels, inputs = b.position_ids, b.labels, b.input_ids
-        real = torch.arange(24)[None, :] < torch.from_numpy(compact.row_used.astype(np.int64))[:, None]
+        used = torch.from_numpy(compact.row_used.astype(np.int64)).to(batch_device)
+        real = torch.arange(24, device=batch_device)[None, :] < used[:, None]
         assert bool((labels[~real] == -100).all())  # padding is never a target
         same_doc = (positions[:, 1:] == positions[:, :-1] + 1) & real[:, 1:]
         assert bool((labels[:, :-1][same_doc] == inputs[:, 1:][same_doc]).all())
@@ -188,11 +255,11 @@ def test_no_label_crosses_a_document(tmp_path, packing):
         assert starts == {i for i, p in enumerate(positions.flatten().tolist()) if p == 0}
 
 
-def test_ranks_are_disjoint_and_cover_the_global_stream(tmp_path):
+def test_ranks_are_disjoint_and_cover_the_global_stream(tmp_path, batch_device):
     sources = write_sources(tmp_path, [documents(4, 80, 30), documents(5, 80, 30)])
-    single = PackedLoader(sources, 16, 6, weights=[3, 1], num_threads=0)
-    ranks = [PackedLoader(sources, 16, 2, weights=[3, 1], rank=r, world_size=3, num_threads=2)
-             for r in range(3)]
+    single = PackedLoader(sources, 16, 6, weights=[3, 1], num_threads=0, device=batch_device)
+    ranks = [PackedLoader(sources, 16, 2, weights=[3, 1], rank=r, world_size=3, num_threads=2,
+                          device=batch_device) for r in range(3)]
     for _ in range(10):
         whole = next(single)
         parts = [next(loader) for loader in ranks]
@@ -204,9 +271,10 @@ def test_ranks_are_disjoint_and_cover_the_global_stream(tmp_path):
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
-def test_resume_equals_the_uninterrupted_stream_on_any_world_size(tmp_path, packing):
+def test_resume_equals_the_uninterrupted_stream_on_any_world_size(tmp_path, batch_device,
+                                                                  packing):
     sources = write_sources(tmp_path, [documents(6, 60, 50), documents(7, 90, 20)])
-    options = dict(weights=[0.6, 0.4], packing=packing, seed=3, window=10)
+    options = dict(weights=[0.6, 0.4], packing=packing, seed=3, window=10, device=batch_device)
     reference = PackedLoader(sources, 20, 4, num_threads=2, **options)
     expected = [next(reference).input_ids for _ in range(25)]
     rng = np.random.default_rng(0)
@@ -316,16 +384,17 @@ def test_unwritable_index_cache_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("packing", ["concat", "bestfit"])
-def test_a_new_mixture_phase_starts_at_the_exact_row_and_resumes(tmp_path, packing):
+def test_a_new_mixture_phase_starts_at_the_exact_row_and_resumes(tmp_path, batch_device,
+                                                                 packing):
     sources = write_sources(tmp_path, [documents(8, 80, 40), documents(9, 80, 40)])
-    options = dict(packing=packing, seed=5, window=10)
+    options = dict(packing=packing, seed=5, window=10, device=batch_device)
     loader = PackedLoader(sources, 16, 4, weights=[1, 1], num_threads=2, **options)
     before = [next(loader) for _ in range(6)]
     assert {0, 1} <= set(torch.cat([b.sources for b in before]).tolist())  # a real mix
     rows_before = [entry["rows"] for entry in loader.report()]
     loader.set_weights([1, 0])  # e.g. only the domain source for the end of the run
     after = [next(loader) for _ in range(5)]
-    assert after[0].global_rows[0] == 6 * 4  # the very next global row
+    assert int(after[0].global_rows[0]) == 6 * 4  # the very next global row
     assert set(torch.cat([b.sources for b in after]).tolist()) == {0}
     # Source 0 continues from its own row (nothing replayed, nothing skipped).
     assert loader.report()[0]["rows"] == rows_before[0] + 5 * 4
@@ -339,9 +408,11 @@ def test_a_new_mixture_phase_starts_at_the_exact_row_and_resumes(tmp_path, packi
         assert torch.equal(next(resumed).input_ids, want)
 
 
-def test_a_prefix_field_is_kept_out_of_the_loss(tmp_path, big_vocab_tokenizer_dir):
+def test_a_prefix_field_is_kept_out_of_the_loss(tmp_path, big_vocab_tokenizer_dir,
+                                                 batch_device):
     # Word-level tokens: prefix words are w0..w999, text words w1000 and up, so a target
-    # token's id says whether it belongs to a prefix.
+    # token's id says whether it belongs to a prefix. On CUDA the masks (a twin loader's
+    # labels) are applied to the batch on the device.
     import json
     import random
 
@@ -355,9 +426,11 @@ def test_a_prefix_field_is_kept_out_of_the_loss(tmp_path, big_vocab_tokenizer_di
             prefix_field="url", prefix_template="{}", workers=2, progress=False)
     eos = 70_001
     for masked in (True, False):
-        loader = PackedLoader([tmp_path / "out"], 64, 4, num_threads=2, loss_masks=masked)
+        loader = PackedLoader([tmp_path / "out"], 64, 4, num_threads=2, loss_masks=masked,
+                              device=batch_device)
         for _ in range(20):
             batch = next(loader)
+            assert batch.labels.device.type == batch_device.type
             targets, labels = batch.input_ids[:, 1:], batch.labels[:, :-1]
             in_prefix = targets < 1000
             dropped = labels == -100

@@ -26,8 +26,8 @@ def oracle(q, k, v, cu_seqlens, causal=True, window=None, scale=None, softcap=No
             scores = q[start:end, head] @ k[start:end, head // group].T * scale
             if softcap is not None:
                 scores = softcap * torch.tanh(scores / softcap)
-            i = torch.arange(end - start)[:, None]
-            j = torch.arange(end - start)[None, :]
+            i = torch.arange(end - start, device=q.device)[:, None]  # on q's device: the
+            j = torch.arange(end - start, device=q.device)[None, :]  # mask is combined in place
             visible = torch.ones_like(scores, dtype=torch.bool)
             if causal:
                 visible &= j <= i
