@@ -248,21 +248,34 @@ def attention_backward_dq_kernel(
                  + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
-def launch_config(head_dim: int) -> dict:
-    """Per-kernel block sizes for a head dim: {"forward"|"dq"|"dkdv" (or "dk" and "dv"):
-    {BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages}}. Every one compiles for sm_80 and
-    sm_90 without spills and uses wgmma on sm_90 (tests/kernels/test_aot.py)."""
+def launch_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Per-kernel block sizes for a head dim and input dtype: {"forward"|"dq"|"dkdv" (or "dk"
+    and "dv"): {BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages}}. bf16 and fp16 share one
+    table (``_BLOCKS``); fp32 inputs (the FP32_DOT path, tl.dot in TF32) have their own
+    (``_BLOCKS_FP32``), since their tiles take twice the registers and shared memory. Every
+    one compiles for sm_80 and sm_90 without spills and within shared memory, and the bf16 and
+    fp16 ones use wgmma on sm_90 (tests/kernels/test_aot.py)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    table = _BLOCKS_FP32 if dtype == torch.float32 else _BLOCKS
     return {kernel: {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "num_warps": warps,
                      "num_stages": stages}
-            for kernel, (m, n, warps, stages) in _BLOCKS[block_d].items()}
+            for kernel, (m, n, warps, stages) in table[block_d].items()}
 
 
 # BLOCK_D -> kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages), from sweeping candidates
 # through the AOT check (ptxas is not monotonic: 128 x 64 spills at D = 16 on sm_80 but not at
 # D = 32). At D = 256 the dk and dv accumulators do not fit in registers together, so the
 # backward runs one key-block kernel for dv and one for dk (the scores are recomputed, +1 of 5
-# products).
+# products). _BLOCKS is for bf16 and fp16 inputs. fp32 inputs (training without autocast: the
+# FP32_DOT path, tl.dot in TF32) get _BLOCKS_FP32: their q, k, v and do tiles are twice the
+# bytes, in registers and in every shared-memory pipeline stage, so the bf16 tiles spill (up
+# to 672 B at D = 256) or exceed the shared memory of a block (181248 B > 166912 B for the
+# forward at D = 128 on sm_80). The fp32 table is the same sweep (BLOCK_M, BLOCK_N in
+# 16 .. 128, 4 or 8 warps, 1 to 3 stages) for fp32: per kernel the largest tile (then the
+# most stages) that compiles on sm_80 and sm_90, plain and with softcap and window, without
+# spills and within shared memory. Where a larger tile fits only without pipelining it wins
+# over a smaller pipelined one (num_stages 1: dkdv at D = 64, dq at D = 128, forward and dv at
+# D = 256). D = 256 splits dk and dv as bf16 does.
 _BLOCKS = {
     16: {"forward": (64, 64, 4, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 8, 3)},
     32: {"forward": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (128, 64, 8, 3)},
@@ -271,7 +284,14 @@ _BLOCKS = {
     256: {"forward": (64, 32, 8, 3), "dv": (32, 64, 8, 3), "dk": (16, 64, 8, 2),
           "dq": (64, 32, 8, 3)},
 }
-
+_BLOCKS_FP32 = {
+    16: {"forward": (128, 128, 8, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
+    32: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 3)},
+    64: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 1), "dq": (128, 32, 8, 3)},
+    128: {"forward": (128, 32, 8, 3), "dkdv": (64, 32, 8, 3), "dq": (32, 128, 8, 1)},
+    256: {"forward": (32, 64, 8, 1), "dv": (64, 32, 8, 1), "dk": (32, 32, 8, 2),
+          "dq": (32, 32, 8, 2)},
+}
 
 
 def live_tiles(cu_seqlens: list[int], block_m: int, block_n: int, causal: bool = True,
@@ -294,7 +314,7 @@ class _VarlenAttention(torch.autograd.Function):
                 tile_counts):
         tokens, q_heads, head_dim = q.shape
         kv_heads = k.shape[1]
-        configs = launch_config(head_dim)
+        configs = launch_config(head_dim, q.dtype)
         flags = dict(GROUP=q_heads // kv_heads, CAUSAL=causal, HAS_WINDOW=window is not None,
                      HAS_SOFTCAP=softcap is not None,
                      FP32_DOT=interpreting() or q.dtype == torch.float32)
