@@ -257,6 +257,8 @@ def launch_configs() -> list[tuple[str, dict]]:
     """(kernel, configuration) for every configuration each kernel's ``launch_config`` can
     return over the inputs it accepts (vocabularies and hidden sizes up to 2^20, head dims up to
     256, up to 128 heads)."""
+    import torch
+
     from cptfast.kernels import attention, cross_entropy, fused_linear_cross_entropy, rope
     found = []
 
@@ -275,9 +277,10 @@ def launch_configs() -> list[tuple[str, dict]]:
                "dk": ("attention_backward_dkdv_kernel", {"WANT_DK": True, "WANT_DV": False}),
                "dv": ("attention_backward_dkdv_kernel", {"WANT_DK": False, "WANT_DV": True})}
     for head_dim in range(1, 257):
-        for name, config in attention.launch_config(head_dim).items():
-            kernel, flags = kernels[name]
-            add(kernel, {**config, **flags})
+        for dtype in (torch.bfloat16, torch.float32):  # fp32 tiles are their own table
+            for name, config in attention.launch_config(head_dim, dtype).items():
+                kernel, flags = kernels[name]
+                add(kernel, {**config, **flags})
         if head_dim % 2 == 0:
             for heads in range(1, 129):
                 add("rope_kernel", rope.launch_config(heads, head_dim))

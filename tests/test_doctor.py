@@ -15,10 +15,47 @@ def test_doctor_reports_the_environment_and_every_shipped_kernel():
     done = cptfast("doctor")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "torch" in done.stdout and "extension cptfast._C   built" in done.stdout
-    from cptfast.aot import ARCHITECTURES, shipped_specs
-    assert f"{len(shipped_specs()) * len(ARCHITECTURES)} configurations, 0 with spills" \
-        in done.stdout
-    assert done.stdout.count("registers") == len(shipped_specs()) * len(ARCHITECTURES)
+    from cptfast.aot import ARCHITECTURES, shipped_table
+    shipped = len(shipped_table()) * len(ARCHITECTURES)
+    assert (f"{shipped} configurations, 0 with spills or too much shared memory, 0 launch "
+            "configurations not shipped") in done.stdout
+    assert done.stdout.count("registers") == shipped
+
+
+def test_doctor_fails_on_a_spill_or_a_launch_config_that_is_not_shipped(monkeypatch, capsys):
+    import cptfast.aot as aot
+    from cptfast import doctor
+
+    good = aot.CompiledKernel("rope[bf16,D=16,H=1]", 90, 40, 0, 0, 0, ".target sm_90")
+    spilling = aot.CompiledKernel("rope[bf16,D=16,H=2]", 90, 255, 16, 0, 0, ".target sm_90")
+    monkeypatch.setattr(aot, "missing_configs", lambda: [])
+    monkeypatch.setattr(aot, "compile_all", lambda: [good])
+    assert doctor.run() == 0
+    monkeypatch.setattr(aot, "compile_all", lambda: [good, spilling])
+    assert doctor.run() == 1 and "  SPILLS rope[bf16,D=16,H=2]" in capsys.readouterr().out
+    monkeypatch.setattr(aot, "compile_all", lambda: [good])
+    monkeypatch.setattr(aot, "missing_configs", lambda: ["rope_kernel {'BLOCK_H': 2}"])
+    assert doctor.run() == 1
+    assert "NOT SHIPPED (launch_config can return it, nothing compiles it): rope_kernel " \
+        "{'BLOCK_H': 2}" in capsys.readouterr().out
+
+
+def test_doctor_perf_writes_the_records_and_the_calibration(tmp_path):
+    out = tmp_path / "perf.json"
+    done = cptfast("doctor", "--perf", "--kernel", "attention_forward[bf16,D=128]",
+                   "--json", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "upper bound on the fraction of peak, not a measurement" in done.stdout
+    records = json.loads(out.read_text())
+    kernels = [r for r in records if not r["calibration"]]
+    assert [(r["kernel"], r["arch"]) for r in kernels] == [
+        ("attention_forward[bf16,D=128]", "sm_80"), ("attention_forward[bf16,D=128]", "sm_90")]
+    assert {r["kernel"].split("[")[0] for r in records if r["calibration"]} == {"matmul", "copy"}
+    for record in kernels:
+        assert record["kernel"] in done.stdout and 0 < record["bound_fraction"] <= 1
+    nothing = cptfast("doctor", "--perf", "--kernel", "no_such_kernel")
+    assert nothing.returncode == 1 and "no shipped kernel configuration starts with" in \
+        nothing.stdout
 
 
 def test_bench_smoke_preset_writes_a_well_formed_report(tmp_path):
