@@ -17,6 +17,7 @@ one) and by ``cptfast doctor``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -332,19 +333,32 @@ def analyze_kernel(kernel: ShippedKernel, arch: int) -> dict:
     return record
 
 
-def _in_fresh_process(what: str, *arguments: str):
+def _in_fresh_process(what: str, *arguments: str, shards: int = 1, group: int = 1):
     """Run ``python -m cptfast.aot WHAT ARGUMENTS`` without Triton's interpreter (whose kernels
-    cannot be compiled) and return its JSON output."""
+    cannot be compiled) and return its JSON output: a list, built by ``shards`` processes in
+    parallel, each taking every shards-th configuration (``_SHARD``; ``group`` entries per
+    configuration, one per architecture), put back in order."""
     import json
     import os
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    output = subprocess.run([sys.executable, "-m", "cptfast.aot", what, *arguments], env=env,
-                            capture_output=True, text=True, check=False)
-    if output.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compilation failed:\n{output.stderr[-4000:]}")
-    return json.loads(output.stdout)
+    workers = [subprocess.Popen([sys.executable, "-m", "cptfast.aot", what, *arguments],
+                                env={**env, _SHARD: f"{index}/{shards}"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for index in range(shards)]
+    parts = []
+    for worker in workers:
+        stdout, stderr = worker.communicate()
+        if worker.returncode != 0:
+            raise RuntimeError(f"ahead-of-time compilation failed:\n{stderr[-4000:]}")
+        entries = json.loads(stdout)
+        parts.append([entries[i:i + group] for i in range(0, len(entries), group)])
+    return [entry for row in itertools.zip_longest(*parts) for entries in row
+            if entries is not None for entry in entries]
+
+
+_SHARD = "CPTFAST_AOT_SHARD"  # "index/count": this process compiles its share
 
 
 def _interpreting() -> bool:
@@ -352,24 +366,42 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _parallel() -> int:
+    """Processes to compile in: one per core, unless this process is already one of them."""
+    import os
+    return 0 if os.environ.get(_SHARD) else min(os.cpu_count() or 1, 8)
+
+
+def _own_share(kernels: list[ShippedKernel]) -> list[ShippedKernel]:
+    import os
+    index, count = map(int, os.environ.get(_SHARD, "0/1").split("/"))
+    return kernels[index::count]
+
+
+def _selected(kernel_prefix: str) -> list[ShippedKernel]:
+    return _own_share([k for k in shipped_kernels() if k.name.startswith(kernel_prefix)])
+
+
 def compile_all(architectures=ARCHITECTURES, kernel_prefix: str = "") -> list[CompiledKernel]:
     """Compile every shipped configuration (whose name starts with ``kernel_prefix``) for every
-    architecture, in a fresh process when this one runs Triton's interpreter."""
-    if _interpreting():
-        return [CompiledKernel(**entry) for entry in
-                _in_fresh_process("compile", kernel_prefix, *map(str, architectures))]
-    return [compile_kernel(kernel, arch) for kernel in shipped_kernels()
-            if kernel.name.startswith(kernel_prefix) for arch in architectures]
+    architecture, in fresh processes (one per core; never in one running the interpreter)."""
+    if _interpreting() or _parallel() > 1:
+        return [CompiledKernel(**entry) for entry in _in_fresh_process(
+            "compile", kernel_prefix, *map(str, architectures), shards=max(_parallel(), 1),
+            group=len(architectures))]
+    return [compile_kernel(kernel, arch) for kernel in _selected(kernel_prefix)
+            for arch in architectures]
 
 
 def shipped_records(kernel_prefix: str | None = None,
                     architectures=ARCHITECTURES) -> list[dict]:
     """``analyze_kernel`` for every shipped configuration (whose name starts with
-    ``kernel_prefix``, if given) and architecture."""
-    if _interpreting():
-        return _in_fresh_process("analyze", kernel_prefix or "", *map(str, architectures))
-    return [analyze_kernel(kernel, arch) for kernel in shipped_kernels()
-            if kernel.name.startswith(kernel_prefix or "") for arch in architectures]
+    ``kernel_prefix``, if given) and architecture, in fresh processes as ``compile_all``."""
+    if _interpreting() or _parallel() > 1:
+        return _in_fresh_process("analyze", kernel_prefix or "", *map(str, architectures),
+                                 shards=max(_parallel(), 1), group=len(architectures))
+    return [analyze_kernel(kernel, arch) for kernel in _selected(kernel_prefix or "")
+            for arch in architectures]
 
 
 def calibration_records(architectures=ARCHITECTURES) -> list[dict]:
