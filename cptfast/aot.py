@@ -269,9 +269,9 @@ def launch_configs() -> list[tuple[str, dict]]:
 
     for vocab in (2 ** k for k in range(21)):  # the config depends on the next power of two
         add("cross_entropy_forward_kernel", cross_entropy.launch_config(vocab))
-    for hidden in (2 ** k for k in range(21)):
+    for hidden, dtype in ((2 ** k, d) for k in range(21) for d in (torch.bfloat16, torch.float32)):
         add("fused_linear_cross_entropy_forward_kernel",
-            fused_linear_cross_entropy.launch_config(hidden))
+            fused_linear_cross_entropy.launch_config(hidden, dtype))
     kernels = {"forward": ("attention_forward_kernel", {}),
                "dq": ("attention_backward_dq_kernel", {}),
                "dkdv": ("attention_backward_dkdv_kernel", {"WANT_DK": True, "WANT_DV": True}),
