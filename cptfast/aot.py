@@ -267,9 +267,10 @@ def launch_configs() -> list[tuple[str, dict]]:
         if (kernel, config) not in found:
             found.append((kernel, config))
 
-    for vocab in (2 ** k for k in range(21)):  # the config depends on the next power of two
-        add("cross_entropy_forward_kernel", cross_entropy.launch_config(vocab))
-    for hidden, dtype in ((2 ** k, d) for k in range(21) for d in (torch.bfloat16, torch.float32)):
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    for vocab, dtype in ((2 ** k, d) for k in range(21) for d in dtypes):  # next power of 2
+        add("cross_entropy_forward_kernel", cross_entropy.launch_config(vocab, dtype))
+    for hidden, dtype in ((2 ** k, d) for k in range(21) for d in dtypes):
         add("fused_linear_cross_entropy_forward_kernel",
             fused_linear_cross_entropy.launch_config(hidden, dtype))
     kernels = {"forward": ("attention_forward_kernel", {}),
@@ -278,7 +279,7 @@ def launch_configs() -> list[tuple[str, dict]]:
                "dk": ("attention_backward_dkdv_kernel", {"WANT_DK": True, "WANT_DV": False}),
                "dv": ("attention_backward_dkdv_kernel", {"WANT_DK": False, "WANT_DV": True})}
     for head_dim in range(1, 257):
-        for dtype in (torch.bfloat16, torch.float32):  # fp32 tiles are their own table
+        for dtype in dtypes:  # fp32 tiles are their own table
             for name, config in attention.launch_config(head_dim, dtype).items():
                 kernel, flags = kernels[name]
                 add(kernel, {**config, **flags})

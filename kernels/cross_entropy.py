@@ -99,12 +99,17 @@ def cross_entropy_forward_kernel(
             tl.store(row_grad + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-def launch_config(vocab: int) -> dict:
-    """BLOCK_V and num_warps for a vocabulary size (the shipped configurations)."""
+def launch_config(vocab: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """BLOCK_V and num_warps for a vocabulary size and logits dtype (the shipped
+    configurations)."""
     block = min(max(triton.next_power_of_2(max(vocab, 1)), 64), 4096)
-    # 8 elements per thread at the widest block: with 8 warps ptxas spills the fp16 variant for
-    # a vocabulary that is not a multiple of 16 (GPT-2's) on sm_90.
-    return {"BLOCK_V": block, "num_warps": 16 if block >= 4096 else 8 if block >= 2048 else 4}
+    warps = 8 if block >= 2048 else 4
+    if dtype == torch.float16 and block == 4096:
+        # ptxas spills 8 B of the fp16 variant at 8 warps on sm_90 for a vocabulary that is not
+        # a multiple of 16 (GPT-2's); 16 warps do not, but cost the reductions of the first
+        # pass more in the static model, so only fp16 takes them.
+        warps = 16
+    return {"BLOCK_V": block, "num_warps": warps}
 
 
 
@@ -126,7 +131,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     labels, scale = labels.contiguous(), scale.contiguous()
     if grad is not None and grad.stride(1) != 1:
         raise ValueError("grad must be contiguous along the vocabulary")
-    config = launch_config(vocab)
+    config = launch_config(vocab, logits.dtype)
     cross_entropy_forward_kernel[(rows,)](
         logits, logits.stride(0), labels, losses, lse,
         grad if grad is not None else losses, grad.stride(0) if grad is not None else 0,
