@@ -47,6 +47,7 @@ def test_scaling_cpu(benchmark, train_inputs):
                             "(reported, not a goal)")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_scaling_gpu(benchmark, train_inputs):
     one = run(train_inputs, 1, "cuda")

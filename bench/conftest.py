@@ -2,7 +2,9 @@
 
 Run: `python -m pytest bench/ --benchmark-only`. Sizes scale with CPTFAST_BENCH_SCALE
 (default 1.0; the acceptance numbers in the issues are quoted at 1.0); CPU timings made in
-subprocesses are the median of CPTFAST_BENCH_REPEATS runs (default 3).
+subprocesses are the median of CPTFAST_BENCH_REPEATS runs (default 3). The GPU rows are marked
+`gpu` (`-m gpu` runs them alone, as `cptfast bench --preset gpu-check` does; CPTFAST_BENCH_PRESET
+= gpu-check then keeps each to the shapes that fit its ten minutes).
 """
 
 import json
@@ -13,6 +15,7 @@ import pytest
 
 SCALE = float(os.environ.get("CPTFAST_BENCH_SCALE", "1.0"))
 REPEATS = int(os.environ.get("CPTFAST_BENCH_REPEATS", "3"))
+GPU_CHECK = os.environ.get("CPTFAST_BENCH_PRESET") == "gpu-check"
 TRAIN_VOCAB, TRAIN_SEQ_LEN = 32_000, 1024  # the training benchmarks' corpus and rows
 _RATIOS: list[tuple[str, str, float, str]] = []
 _METRICS: list[tuple[str, str, str]] = []
@@ -70,6 +73,33 @@ def record_series(name: str, x_label: str, y_label: str, lines: dict[str, list])
                               for label, points in lines.items()}})
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: a row measured on a CUDA GPU (skipped without one)")
+
+
+def gpu_ms(fn, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (CUDA events), after one warm-up call; for
+    steps too slow for triton.testing.do_bench's fixed time budget."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def short(error: BaseException) -> str:
+    """An error in one line (a report's table cell)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def pytest_sessionfinish(session, exitstatus):
     """For `cptfast bench`: the recorded ratios and values as JSON."""
     target = os.environ.get("CPTFAST_BENCH_REPORT")
@@ -99,6 +129,20 @@ def pytest_terminal_summary(terminalreporter):
                 f"{r['name'] + ': ' + r['variant']:<60} {r['device']:<6} "
                 f"{r['flops_per_s'] / 1e9:12,.1f} GFLOP/s {r['of_peak']:7.1%} of peak "
                 f"{r['of_bound']:7.1%} of bound ({r['bound']})")
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """After each row, the GPU memory its tensors held goes back to the device, so that the
+    next row (or the training run it starts in another process) finds all of it."""
+    yield
+    import gc
+
+    import torch
+
+    if torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")

@@ -169,10 +169,21 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from cptfast.benchmark import run
 
-    report = run(args.suite, args.preset, args.out, repeats=args.repeats)
+    report = run(args.suite, args.preset, args.out, repeats=args.repeats,
+                 static_bounds=not args.no_static_bounds)
+    tests = report.get("tests")
+    if tests is not None:
+        counts = ", ".join(f"{n} {kind}" for kind, n in tests["counts"].items())
+        print(f"CUDA tests: {counts or 'no summary'} ({Path(args.out) / 'tests.log'})")
+    static = report.get("static_bounds", {})
+    if static.get("records") or static.get("failures"):
+        print(f"static bounds: {len(static['records'])} records, "
+              f"{len(static['failures'])} not compiled")
     print(f"{len(report['ratios'])} ratios, {len(report['skipped'])} not measured here; "
           f"report: {args.out}/report.md")
-    return 0
+    for problem in report.get("problems", []):
+        print(f"cptfast bench: {problem}", file=sys.stderr)
+    return 1 if report.get("problems") else 0
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -261,16 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=8, help="batches of 4 rows per set")
     p.set_defaults(run=_cmd_merge)
 
-    p = sub.add_parser("bench", help="run the benchmark suites and write a report")
+    p = sub.add_parser("bench", help="run the benchmark suites and write a report",
+                       description="Run the benchmark suites of bench/ against same-run "
+                                   "baselines and write report.md, report.json and plots, "
+                                   "with the static bound of each kernel the suites run.")
     p.add_argument("--suite", action="append",
                    help="prepare, loader, cross_entropy, attention, hf, train, distributed "
                         "(repeatable; default: all)")
     p.add_argument("--preset", default="small", help="smoke, small, medium (the acceptance "
-                   "sizes) or large (%(default)s)")
+                   "sizes), large, or gpu-check (one H100/H200, <= 10 minutes: the fast tests "
+                   "in the CUDA test mode, then the GPU rows of every suite) (%(default)s)")
     p.add_argument("--out", default="bench-report", help="output directory (%(default)s)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="runs per CPU timing, the median reported (default: 1 for smoke, 3 "
-                        "for small and medium, 5 for large)")
+                   help="runs per CPU timing, the median reported (default: 1 for smoke and "
+                        "gpu-check, 3 for small and medium, 5 for large)")
+    p.add_argument("--no-static-bounds", action="store_true",
+                   help="leave out the static bounds of the kernels (compiling them for "
+                        "sm_80 and sm_90 takes seconds to a minute)")
     p.set_defaults(run=_cmd_bench)
 
     p = sub.add_parser("doctor", help="environment and ahead-of-time kernel compilation report")
