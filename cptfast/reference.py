@@ -67,9 +67,10 @@ def loss_and_grad_rows_(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tens
         if label_smoothing:
             z.sub_(label_smoothing / vocab)
         z.scatter_add_(1, safe_labels, torch.full_like(lse[:, None], -(1 - label_smoothing)))
-        z.mul_((counted * scale)[:, None])
+        z.mul_(scale[:, None] if scale.dim() else scale)
         if capped_slope is not None:
             z.mul_(capped_slope)
+        z.masked_fill_(~counted[:, None], 0.0)  # not a product: 0 * NaN is NaN
     return loss, lse
 
 

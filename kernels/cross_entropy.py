@@ -83,7 +83,6 @@ def cross_entropy_forward_kernel(
     if COMPUTE_GRAD:
         # Pass 2: the gradient, scaled for the reduction (zero for an ignored row).
         scale = tl.load(scale_ptr + row if SCALE_PER_ROW else scale_ptr).to(tl.float32)
-        scale = tl.where(counted, scale, 0.0)
         softmax_factor = 1.0 + 2.0 * z_loss * lse
         row_grad = grad_ptr + row * grad_row_stride
         for start in range(0, vocab, BLOCK_V):
@@ -96,7 +95,10 @@ def cross_entropy_forward_kernel(
             if HAS_SOFTCAP:
                 capped = z / softcap
                 grad *= 1.0 - capped * capped
-            tl.store(row_grad + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=inside)
+            # A select, not a product: a NaN or inf in an ignored row must not reach the
+            # gradient (0 * NaN is NaN) and from there grad_weight.
+            grad = tl.where(counted, grad * scale, 0.0)
+            tl.store(row_grad + cols, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
 def launch_config(vocab: int, dtype: torch.dtype = torch.bfloat16) -> dict:

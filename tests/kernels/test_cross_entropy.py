@@ -118,6 +118,29 @@ def test_nan_input_gives_nan_loss(backend, device):
     assert not torch.isfinite(cptfast.cross_entropy(logits, labels))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_in_an_ignored_row_stay_out_of_loss_and_gradient(backend, poisoned,
+                                                                            device, bad):
+    # A padding or boundary token whose logits overflowed: ignored, so it must not poison the
+    # gradient (0 * NaN is NaN), which would reach grad_weight through grad.T @ hidden.
+    generator = torch.Generator().manual_seed(11)
+    logits64 = torch.randn(7, 300, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 300, (7,), generator=generator)
+    labels[[0, 4]] = -100
+    logits64[4, 17], logits64[0] = bad, bad
+    logits = logits64.float().to(device).requires_grad_()
+    loss = cptfast.cross_entropy(logits, labels.to(device), z_loss=1e-3, label_smoothing=0.1)
+    loss.backward()
+    counted = labels != -100
+    want = oracle(logits64[counted], labels[counted], z_loss=1e-3, label_smoothing=0.1)
+    assert relative_error(loss, want) < 1e-5
+    grad = logits.grad.cpu()
+    assert torch.isfinite(grad).all() and torch.equal(grad[[0, 4]], torch.zeros(2, 300))
+    logits64.requires_grad_()
+    oracle(logits64[counted], labels[counted], z_loss=1e-3, label_smoothing=0.1).backward()
+    assert relative_error(grad[counted], logits64.grad[counted]) < 1e-5
+
+
 def test_bad_arguments_are_named(backend):
     # CPU tensors in both modes: these checks are made on the host before any launch (on a GPU
     # an out-of-range label trips a device-side assertion instead, which ends the process).
