@@ -6,7 +6,8 @@ cptfast's kernels, in place, with nothing else changing (same checkpoint, genera
   boundaries as the keyword arguments transformers defines for flash attention
   (``cu_seq_lens_q``/``max_length_q``); they are never guessed from ``position_ids``. Padded
   batches (a 2-D ``attention_mask``) are unpadded into documents; decoding with a KV cache
-  (queries fewer than keys) goes through PyTorch's SDPA with an explicit mask.
+  (queries fewer than keys) goes through PyTorch's SDPA with an explicit mask. q, k, v come
+  in one dtype, as the stock attention computes: the autocast dtype under autocast, else v's.
 - Loss: in training with labels, the last hidden state goes straight into
   `fused_linear_cross_entropy` with ``lm_head.weight`` (labels shifted as transformers shifts
   them, ``num_items_in_batch`` honoured); no logits are built and ``logits`` is ``None`` unless
@@ -197,6 +198,7 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout: flo
     if dropout:
         raise NotImplementedError("cptfast attention has no attention dropout; set the "
                                   "config's attention_dropout to 0")
+    query, key, value = _one_dtype(query, key, value)
     window = sliding_window - 1 if sliding_window is not None else None
     causal = getattr(module, "is_causal", True)
     options = dict(causal=causal, softmax_scale=scaling, window=window, softcap=softcap)
@@ -238,6 +240,20 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout: flo
     full = out.new_zeros(batch * q_len, *out.shape[1:])
     full[kept] = out
     return full.view(batch, q_len, *out.shape[1:]), None
+
+
+def _one_dtype(query, key, value):
+    """q, k, v in the one dtype the stock attention would compute in. Under autocast on their
+    device, the autocast dtype (SDPA is on autocast's lower-precision list). Otherwise v's
+    dtype: the model's own, since only q and k can have been promoted on the way (by fp32
+    cos/sin, which an fp32 model's rotary gives under autocast, or by an fp32 q/k norm).
+    Only attention's inputs are cast; cptfast.ops still refuses mixed dtypes."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = value.dtype
+    return tuple(x if x.dtype == dtype else x.to(dtype) for x in (query, key, value))
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
