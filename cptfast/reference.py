@@ -18,6 +18,9 @@ the fused linear version never holds more than one chunk of logits.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -149,6 +152,58 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     return (loss, lse) if return_lse else loss
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None when autocast is off there
+    (or has no such device type: meta tensors, for one)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _no_autocast(device_type: str):
+    """A context with autocast off for ``device_type`` (nothing to turn off where it has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype | None):
+    """``tensor`` as autocast hands it to a lower-precision op (mm, linear): a floating tensor
+    other than fp64 in ``dtype``; anything else (and everything when ``dtype`` is None) as is."""
+    if tensor is None or dtype is None or not tensor.is_floating_point() \
+            or tensor.dtype in (dtype, torch.float64):
+        return tensor
+    return tensor.to(dtype)
+
+
+@functools.cache
+def _fp32_out_gemm(device_type: str) -> bool:
+    """Whether torch has aten::addmm.dtype_out (a bf16/fp16 GEMM accumulated straight into an
+    fp32 tensor) for ``device_type``: CUDA builds of torch 2.13 do, its CPU build does not.
+    Looked up once per device type in the dispatcher's kernel table."""
+    key = {"cuda": "CUDA", "cpu": "CPU"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::addmm.dtype_out", key)
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32/fp64) += a @ b in place, a and b in their own (possibly half) dtype: no
+    temporary of out's size, no half-precision round trip of the sum. Without an fp32-output
+    half GEMM on the device (the CPU in torch 2.13) the GEMM takes copies of the chunk-sized
+    operands in out's dtype: half-precision values and their products are exact there."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif _fp32_out_gemm(out.device.type) and out.dtype == torch.float32:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
+
+
+def _in_dtypes(grads, dtypes):
+    """The gradients in their inputs' original dtypes (a no-op where they already are)."""
+    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of hidden @ weight.T (+ bias) without ever holding the [N, V] logits.
 
@@ -156,25 +211,35 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     chunk by chunk (grad_weight and grad_bias accumulate in fp32), and the backward scales
     them. For "none" the per-row weights of the backward are unknown in the forward, so the
     forward keeps only the losses and the backward recomputes each chunk's logits.
+
+    Under autocast (``compute_dtype``, read by the wrapper) it behaves as lm_head would:
+    hidden, weight and bias are cast to the autocast dtype once per call, every GEMM runs in
+    it, the loss math stays in fp32, and the gradients go back in the inputs' own dtypes (an
+    fp32 weight gets its fp32 accumulator, never rounded to bf16 on the way).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
-                softcap, reduction, chunk_bytes):
+                softcap, reduction, chunk_bytes, compute_dtype):
         options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
                        z_loss=z_loss, softcap=softcap)
         need_grad = hidden.requires_grad or weight.requires_grad or (
             bias is not None and bias.requires_grad)
         precompute = need_grad and reduction != "none"
-        scale = _mean_scale(labels, ignore_index, reduction, math_dtype(hidden.dtype))
-        losses, lse, grads = _fused_chunks(hidden, weight, bias, labels, scale, options,
-                                           chunk_bytes, want_grads=precompute)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.device_type = hidden.device.type
+        with _no_autocast(hidden.device.type):
+            hidden, weight, bias = (_autocast_cast(t, compute_dtype)
+                                    for t in (hidden, weight, bias))
+            scale = _mean_scale(labels, ignore_index, reduction, math_dtype(hidden.dtype))
+            losses, lse, grads = _fused_chunks(hidden, weight, bias, labels, scale, options,
+                                               chunk_bytes, want_grads=precompute)
         ctx.reduction, ctx.options, ctx.chunk_bytes = reduction, options, chunk_bytes
         ctx.has_bias = bias is not None
         if precompute:
-            ctx.save_for_backward(*grads)
+            ctx.save_for_backward(*_in_dtypes(grads, ctx.dtypes))
         else:
-            ctx.save_for_backward(hidden, weight, labels, bias)
+            ctx.save_for_backward(hidden, weight, labels, bias)  # in the compute dtype
         ctx.mark_non_differentiable(lse)
         return _reduce(losses, scale, reduction), lse
 
@@ -185,33 +250,46 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 ctx, grad_loss, *ctx.saved_tensors)
         else:
             hidden, weight, labels, bias = ctx.saved_tensors
-            _, _, (grad_hidden, grad_weight, grad_bias) = _fused_chunks(
-                hidden, weight, bias, labels, grad_loss, ctx.options, ctx.chunk_bytes,
-                want_grads=True)
+            with _no_autocast(ctx.device_type):
+                _, _, grads = _fused_chunks(hidden, weight, bias, labels, grad_loss,
+                                            ctx.options, ctx.chunk_bytes, want_grads=True)
+            grad_hidden, grad_weight, grad_bias = _in_dtypes(grads, ctx.dtypes)
         return (grad_hidden, grad_weight, None, grad_bias if ctx.has_bias else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes, want_grads):
     """Per-row losses and lse, and with want_grads the gradients of hidden, weight and bias
-    for d(sum of row_scale * loss) (row_scale: a scalar, or one weight per row)."""
+    for d(sum of row_scale * loss) (row_scale: a scalar, or one weight per row): grad_hidden
+    in hidden's dtype, grad_weight and grad_bias in the math dtype.
+
+    fp32/fp64 operands: logits straight into the math-dtype buffer. Half-precision operands
+    (bf16/fp16, autocast's): each GEMM in that dtype, as lm_head's would be; the chunk's logits
+    come out in it and the loss math runs on an fp32 copy, whose gradient is rounded back to
+    the operands' dtype (what lm_head's backward receives) for the two gradient GEMMs."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = math_dtype(hidden.dtype)
+    low = not (hidden.dtype == acc and weight.dtype == acc)
     losses = torch.empty(n, dtype=acc, device=hidden.device)
     lse = torch.empty_like(losses)
-    grad_hidden = torch.empty_like(hidden) if want_grads else None
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) \
+        if want_grads else None
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grads else None
     grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) \
         if want_grads and bias is not None else None
     step = rows_per_chunk(vocab, chunk_bytes)
     buffer = torch.empty((min(step, n), vocab), dtype=acc, device=hidden.device)
+    low_buffer = torch.empty((min(step, n), vocab), dtype=hidden.dtype, device=hidden.device) \
+        if low else None
     for start in range(0, n, step):
         rows = slice(start, start + step)
         z = buffer[: hidden[rows].shape[0]]
-        if hidden.dtype == acc and weight.dtype == acc:
-            torch.mm(hidden[rows], weight.T, out=z)
+        if low:
+            logits = low_buffer[: z.shape[0]]
+            torch.mm(hidden[rows], weight.T, out=logits)
+            z.copy_(logits)
         else:
-            z.copy_(hidden[rows] @ weight.T)
+            torch.mm(hidden[rows], weight.T, out=z)
         if bias is not None:
             z += bias
         losses[rows], lse[rows] = loss_and_grad_rows_(
@@ -220,15 +298,14 @@ def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes,
         if not want_grads:
             continue
         grad = z  # now dloss/dlogits, scaled
-        grad_hidden[rows] = grad.to(hidden.dtype) @ weight
-        grad_weight.addmm_(grad.T, hidden[rows].to(acc))
+        if low:
+            grad = logits
+            grad.copy_(z)
+        torch.mm(grad, weight, out=grad_hidden[rows])
+        _accumulate(grad_weight, grad.T, hidden[rows])
         if grad_bias is not None:
-            grad_bias += grad.sum(dim=0)
-    if want_grads:
-        grads = (grad_hidden, grad_weight.to(weight.dtype),
-                 None if grad_bias is None else grad_bias.to(bias.dtype))
-    else:
-        grads = (None, None, None)
+            grad_bias += z.sum(dim=0)
+    grads = (grad_hidden, grad_weight, grad_bias) if want_grads else (None, None, None)
     return losses, lse, grads
 
 
@@ -238,14 +315,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                softcap: float | None = None, reduction: str = "mean",
                                return_lse: bool = False, chunk_bytes: int | None = None):
     """Cross-entropy of hidden [N, H] @ weight[V, H].T (+ bias [V]) against labels [N], in row
-    chunks of about ``chunk_bytes`` of fp32 logits; see module doc. Inputs are assumed checked
-    by cptfast.ops."""
+    chunks of about ``chunk_bytes`` of fp32 logits; see module doc. Under autocast the GEMMs run
+    in the autocast dtype, as lm_head's would; gradients come back in the inputs' dtypes.
+    Inputs are assumed checked by cptfast.ops."""
     if not torch.is_grad_enabled():  # no gradient wanted, though the weights require one
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
     loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
                                                label_smoothing, z_loss, softcap, reduction,
-                                               chunk_bytes or DEFAULT_CHUNK_BYTES)
+                                               chunk_bytes or DEFAULT_CHUNK_BYTES,
+                                               _autocast_dtype(hidden.device.type))
     return (loss, lse) if return_lse else loss
 
 

@@ -19,9 +19,25 @@ Two paths, each where it is cheapest:
 (A tile kernel for the gradients too needs fp32 atomics for every (row block, vocabulary
 tile) into both grad_hidden and grad_weight — about N*V*H/32 atomic adds each at BLOCK=64 —
 plus a fourth matmul; it was written, tested exact, and dropped as slower.)
+
+Under autocast the loss behaves as ``lm_head`` (an nn.Linear) would: the public wrapper reads the
+autocast state of the inputs' device type (an autograd.Function cannot see it reliably in its
+backward) and the Function casts hidden, weight and bias to the autocast dtype once per call, as
+autocast casts the inputs of a linear, not once per chunk; inside, autocast is off, so every GEMM
+runs in that dtype and the softmax / cross-entropy math stays in fp32. The gradients go back in
+the original dtypes (an fp32 weight gets its fp32 accumulator as it is, never rounded to bf16 on
+the way, which a cast outside the Function would do in its backward). grad_weight accumulates in
+fp32 in place: aten::addmm.dtype_out (a bf16/fp16 GEMM written straight into the fp32
+accumulator, beta = 1) where torch has that kernel (CUDA); torch 2.13 has none for the CPU, so
+there the GEMM takes fp32 copies of its chunk-sized operands (bf16/fp16 values and their products
+are exact in fp32: the same numbers). Which one is looked up once per device type in the
+dispatcher (`fp32_out_gemm`), never by catching an error.
 """
 
 from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
+
+import contextlib
+import functools
 
 import torch
 import triton
@@ -101,11 +117,53 @@ def launch_config(hidden_size: int, dtype: torch.dtype = torch.bfloat16) -> dict
     return {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8}
 
 
-DEFAULT_CHUNK_BYTES = 256 << 20  # one chunk of logits, in the logits' dtype
+# One chunk of logits, in the logits' dtype. The chunk's rows are the K of the grad_weight GEMM
+# (V x H, fp32, += g.T @ hidden), which reads and writes its 8-byte fp32 accumulator once per
+# chunk: about 2VHK FLOP over 8VH bytes, K/4 FLOP per byte. The bf16 ridge points (dense peak /
+# HBM bandwidth) are ~156 (A100), ~206 (H200), ~295 (H100 SXM) FLOP/B, so K must pass ~1200 to
+# be compute-bound at all on an H100 and ~2000 to be clear of it. 256 MiB gave K = 1046 at
+# Llama 3's V = 128256 in bf16 (~250 FLOP/B: memory-bound on an H100); 1 GiB gives 4185 there,
+# 2048 at Gemma's V = 262144 (~450 FLOP/B), for a transient buffer of 1 GiB (the logits of a
+# whole 16k-token micro-batch at V = 128256 would be 4 GiB).
+DEFAULT_CHUNK_BYTES = 1 << 30
 
 
 def rows_per_chunk(vocab: int, itemsize: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (itemsize * max(vocab, 1)))
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None when autocast is off there
+    (or has no such device type: meta tensors, for one)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def no_autocast(device_type: str):
+    """A context with autocast off for ``device_type`` (nothing to turn off where it has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype | None):
+    """``tensor`` as autocast hands it to a lower-precision op (mm, linear): a floating tensor
+    other than fp64 in ``dtype``; anything else (and everything when ``dtype`` is None) as is."""
+    if tensor is None or dtype is None or not tensor.is_floating_point() \
+            or tensor.dtype in (dtype, torch.float64):
+        return tensor
+    return tensor.to(dtype)
+
+
+@functools.cache
+def fp32_out_gemm(device_type: str) -> bool:
+    """Whether torch has aten::addmm.dtype_out (a bf16/fp16 GEMM accumulated straight into an
+    fp32 tensor) for ``device_type``: CUDA builds of torch 2.13 do, its CPU build does not.
+    Looked up once per device type in the dispatcher's kernel table."""
+    key = {"cuda": "CUDA", "cpu": "CPU"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::addmm.dtype_out", key)
 
 
 def _tile_losses(hidden, weight, bias, labels, options):
@@ -127,14 +185,14 @@ def _tile_losses(hidden, weight, bias, labels, options):
 
 
 def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (fp32) += a @ b, with a and b in their own (possibly half) dtype."""
-    if a.dtype == torch.float32:
+    """out (fp32) += a @ b in place, with a and b in their own (possibly half) dtype: no
+    temporary of out's size, no half-precision round trip of the sum."""
+    if a.dtype == out.dtype:
         out.addmm_(a, b)
-    else:
-        try:  # fp32 result straight from the half-precision matmul, without a half round trip
-            out += torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            out.addmm_(a.float(), b.float())
+    elif fp32_out_gemm(out.device.type):
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:  # no such kernel here (the CPU): fp32 copies of the chunk-sized operands, exact
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
 
 
 def _chunk_gradients(hidden, weight, bias, labels, row_scale, options, chunk_bytes):
@@ -165,14 +223,18 @@ def _chunk_gradients(hidden, weight, bias, labels, row_scale, options, chunk_byt
         _accumulate_fp32(grad_weight, grad.T, hidden[rows])
         if grad_bias is not None:
             grad_bias += grad.sum(dim=0, dtype=torch.float32)
-    return losses, lse, (grad_hidden, grad_weight.to(weight.dtype),
-                         None if grad_bias is None else grad_bias.to(bias.dtype))
+    return losses, lse, (grad_hidden, grad_weight, grad_bias)
+
+
+def _in_dtypes(grads, dtypes):
+    """The gradients in their inputs' original dtypes (a no-op where they already are)."""
+    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
-                softcap, reduction, chunk_bytes):
+                softcap, reduction, chunk_bytes, compute_dtype):
         labels = labels.contiguous()
         options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
                        z_loss=z_loss, softcap=softcap)
@@ -181,13 +243,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scale = mean_scale(labels, ignore_index, reduction)
         ctx.reduction, ctx.options, ctx.chunk_bytes = reduction, options, chunk_bytes
         ctx.has_bias = bias is not None
-        if need_grad and reduction != "none":
-            losses, lse, grads = _chunk_gradients(hidden, weight, bias, labels, scale, options,
-                                                  chunk_bytes)
-            ctx.save_for_backward(*grads)
-        else:
-            losses, lse = _tile_losses(hidden, weight, bias, labels, options)
-            ctx.save_for_backward(hidden, weight, labels, bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.device_type = hidden.device.type
+        with no_autocast(hidden.device.type):
+            # Once per call, as autocast casts a linear's inputs (compute_dtype None: as is).
+            hidden, weight, bias = (autocast_cast(t, compute_dtype)
+                                    for t in (hidden, weight, bias))
+            if need_grad and reduction != "none":
+                losses, lse, grads = _chunk_gradients(hidden, weight, bias, labels, scale,
+                                                      options, chunk_bytes)
+                ctx.save_for_backward(*_in_dtypes(grads, ctx.dtypes))
+            else:
+                losses, lse = _tile_losses(hidden, weight, bias, labels, options)
+                ctx.save_for_backward(hidden, weight, labels, bias)
         ctx.mark_non_differentiable(lse)
         loss = losses if reduction == "none" else losses.sum() * scale[0]
         return loss, lse
@@ -198,12 +266,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden, grad_weight, grad_bias = scale_saved_gradients(
                 ctx, grad_loss, *ctx.saved_tensors)
         else:
-            hidden, weight, labels, bias = ctx.saved_tensors
-            _, _, (grad_hidden, grad_weight, grad_bias) = _chunk_gradients(
-                hidden, weight, bias, labels, grad_loss.float().contiguous(), ctx.options,
-                ctx.chunk_bytes)
+            hidden, weight, labels, bias = ctx.saved_tensors  # already in the compute dtype
+            with no_autocast(ctx.device_type):
+                _, _, grads = _chunk_gradients(hidden, weight, bias, labels,
+                                               grad_loss.float().contiguous(), ctx.options,
+                                               ctx.chunk_bytes)
+            grad_hidden, grad_weight, grad_bias = _in_dtypes(grads, ctx.dtypes)
         return (grad_hidden, grad_weight, None, grad_bias if ctx.has_bias else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -213,11 +283,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                return_lse: bool = False, chunk_bytes: int | None = None):
     """Cross-entropy of hidden [N, H] @ weight [V, H].T (+ bias [V]) against labels [N];
     semantics of cross_entropy.py; gradients in row chunks of about ``chunk_bytes`` of logits.
-    Inputs are assumed checked (cptfast.ops does)."""
+    Under autocast the GEMMs run in the autocast dtype, as lm_head's would (see the module
+    docstring); gradients come back in the inputs' dtypes. Inputs are assumed checked
+    (cptfast.ops does)."""
     if not torch.is_grad_enabled():  # no gradient wanted, though the weights require one
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
     loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
                                                label_smoothing, z_loss, softcap, reduction,
-                                               chunk_bytes or DEFAULT_CHUNK_BYTES)
+                                               chunk_bytes or DEFAULT_CHUNK_BYTES,
+                                               autocast_dtype(hidden.device.type))
     return (loss, lse) if return_lse else loss
