@@ -302,7 +302,9 @@ def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes,
             grad = logits
             grad.copy_(z)
         torch.mm(grad, weight, out=grad_hidden[rows])
-        _accumulate(grad_weight, grad.T, hidden[rows])
+        # Ignored rows zeroed: 0 * NaN is NaN, and their gradient rows are 0 anyway.
+        ignored = (labels[rows] == options["ignore_index"])[:, None]
+        _accumulate(grad_weight, grad.T, hidden[rows].masked_fill(ignored, 0))
         if grad_bias is not None:
             grad_bias += z.sum(dim=0)
     grads = (grad_hidden, grad_weight, grad_bias) if want_grads else (None, None, None)

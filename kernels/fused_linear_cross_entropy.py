@@ -195,6 +195,12 @@ def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
         out.addmm_(a.to(out.dtype), b.to(out.dtype))
 
 
+def _counted_rows(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """hidden with the rows of ignored labels zeroed: their gradient rows are zero, but a NaN
+    or inf there would still reach grad_weight through grad.T @ hidden (0 * NaN is NaN)."""
+    return hidden.masked_fill((labels == ignore_index)[:, None], 0)
+
+
 def _chunk_gradients(hidden, weight, bias, labels, row_scale, options, chunk_bytes):
     """Per-row losses and lse, and the gradients of hidden, weight and bias of
     sum(row_scale * loss); row_scale (fp32) has one element or one per row."""
@@ -220,7 +226,8 @@ def _chunk_gradients(hidden, weight, bias, labels, row_scale, options, chunk_byt
             **options)
         grad = logits  # the kernel overwrote the logits with their (scaled) gradient
         torch.mm(grad, weight, out=grad_hidden[rows])
-        _accumulate_fp32(grad_weight, grad.T, hidden[rows])
+        _accumulate_fp32(grad_weight, grad.T, _counted_rows(hidden[rows], labels[rows],
+                                                            options["ignore_index"]))
         if grad_bias is not None:
             grad_bias += grad.sum(dim=0, dtype=torch.float32)
     return losses, lse, (grad_hidden, grad_weight, grad_bias)

@@ -334,6 +334,33 @@ def test_fused_all_ignored_gives_zero_loss_and_zero_gradients(backend, poisoned,
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_nan_in_an_ignored_row_leaves_the_gradients_finite(backend, poisoned, device,
+                                                                 reduction):
+    # The hidden state of an ignored (padding, boundary) token went NaN: its gradient row is
+    # zero, and grad_weight = grad.T @ hidden must not pick up 0 * NaN.
+    generator = torch.Generator().manual_seed(13)
+    hidden64 = torch.randn(11, 16, generator=generator, dtype=torch.float64)
+    weight64 = torch.randn(70, 16, generator=generator, dtype=torch.float64) / 4
+    labels = torch.randint(0, 70, (11,), generator=generator)
+    labels[[2, 7]] = -100
+    hidden64[2] = float("nan")
+    hidden64[7, 3] = float("inf")
+    hidden, weight = (t.float().to(device).requires_grad_() for t in (hidden64, weight64))
+    loss = cptfast.fused_linear_cross_entropy(hidden, weight, labels.to(device),
+                                              reduction=reduction)
+    loss.sum().backward()
+    counted = labels != -100
+    h64, w64 = hidden64[counted].clone().requires_grad_(), weight64.clone().requires_grad_()
+    want = oracle(h64 @ w64.T, labels[counted], reduction=reduction)
+    want.sum().backward()
+    assert relative_error(loss.cpu()[counted] if reduction == "none" else loss, want) < 1e-4
+    assert torch.isfinite(weight.grad).all() and torch.isfinite(hidden.grad).all()
+    assert relative_error(weight.grad, w64.grad) < 1e-4
+    assert torch.equal(hidden.grad.cpu()[~counted], torch.zeros(2, 16))
+    assert relative_error(hidden.grad.cpu()[counted], h64.grad) < 1e-4
+
+
 def test_reference_path_compiles_without_graph_breaks(monkeypatch, device):
     monkeypatch.setenv("CPTFAST_BACKEND", "torch")
     torch.manual_seed(0)
