@@ -13,8 +13,9 @@ which `live_tiles` computes without a GPU and the COUNT_TILES flag lets a test r
 the kernel itself. The backward recomputes the probabilities from the saved log-sum-exp and is
 split into a dk/dv kernel (one program per key block, looping over the query blocks and the
 query heads of its group; at D = 256 it runs twice, once for dk and once for dv, to stay in
-registers) and a dq kernel, so no atomics are needed and results are deterministic. Head dims
-up to 256 are padded to a power of two and masked.
+registers) and a dq kernel, so no atomics are needed and results are deterministic. Both read
+delta = rowsum(do * o) ([Hq, T] fp32), which a preprocessing kernel computes in one pass over o
+and do. Head dims up to 256 are padded to a power of two and masked.
 """
 
 from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
@@ -248,6 +249,26 @@ def attention_backward_dq_kernel(
                  + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
+@triton.jit
+def backward_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, tokens, head_dim, stride_ot, stride_oh, stride_dot, stride_doh,
+    stride_delta_h, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] in fp32, for one block of tokens of one
+    head: the backward's preprocessing (the row term of ds = p * (dp - delta)). Not named
+    attention_*: cptfast.aot and cptfast.perf_model take those for tensor-core kernels."""
+    head = tl.program_id(1)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < tokens
+    mask = t_ok[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(o_ptr + offs_t[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs_t[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + head * stride_delta_h + offs_t, tl.sum(o * do, axis=1), mask=t_ok)
+
+
 def launch_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Per-kernel block sizes for a head dim and input dtype: {"forward"|"dq"|"dkdv" (or "dk"
     and "dv"): {BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages}}. bf16 and fp16 share one
@@ -308,6 +329,32 @@ def live_tiles(cu_seqlens: list[int], block_m: int, block_n: int, causal: bool =
     return total
 
 
+def _delta_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """The delta kernel's fixed launch: at 4 warps, tiles of at most 8192 elements of 2-byte
+    inputs and 4096 of fp32 (64 and 32 elements per thread and input; 128 fp32 tokens at D = 32
+    leave 8 B of stack on sm_90), so BLOCK_T is 128 (64 for fp32) up to D = 64, 16 at D = 256
+    fp32. Spill-free on sm_80 and sm_90 (tests/kernels/test_aot.py)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_t = min(128, 8192 // block_d) // (2 if dtype == torch.float32 else 1)
+    return {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
+
+
+def backward_delta(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """delta = (grad_out * out).sum(-1) per token and head, in fp32, as [Hq, T] (contiguous:
+    the layout the dq and dk/dv kernels read through stride_lse_h). out and grad_out are
+    [T, Hq, D] in any float dtype, read once in their own dtype; no full-size temporaries."""
+    tokens, heads, head_dim = out.shape
+    out, grad_out = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, grad_out))
+    delta = torch.empty((heads, tokens), dtype=torch.float32, device=out.device)
+    config = _delta_config(head_dim, out.dtype)
+    if tokens and heads:
+        grid = (triton.cdiv(tokens, config["BLOCK_T"]), heads)
+        backward_delta_kernel[grid](
+            out, grad_out, delta, tokens, head_dim, out.stride(0), out.stride(1),
+            grad_out.stride(0), grad_out.stride(1), delta.stride(0), **config)
+    return delta
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, softcap, window,
@@ -340,7 +387,7 @@ class _VarlenAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).T.contiguous()  # [Hq, T]
+        delta = backward_delta(out, grad_out)  # [Hq, T] fp32, one fused pass
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cptfast
-from cptfast.kernels.attention import launch_config, live_tiles
+from cptfast.kernels.attention import backward_delta, launch_config, live_tiles
 from cptfast.kernels.attention import varlen_attention as triton_attention
 
 
@@ -66,7 +66,8 @@ def relative_error(got, want):
     expected is exactly 0 (window=0: a single visible key, so dq is 0 up to rounding)."""
     assert not torch.isnan(got).any(), "NaN in the result"
     scale = want.abs().max().detach()
-    return float((got.detach().double() - want.detach()).abs().max() / (scale if scale > 0 else 1.0))
+    error = (got.detach().double() - want.detach()).abs().max()
+    return float(error / (scale if scale > 0 else 1.0))
 
 
 CASES = [  # (layout seed or fixed layout, Hq, Hkv, D, causal, window, softcap)
@@ -107,6 +108,27 @@ def test_attention_against_oracle(backend, poisoned, device, layout, q_heads, kv
     assert out.dtype == dtype and relative_error(out, want) < allowed
     for got, expected, name in zip(grads, want_grads, "qkv"):
         assert relative_error(got, expected) < allowed, f"d{name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("head_dim", [16, 80, 128])
+@pytest.mark.parametrize("tokens", [1, 37, 129])
+def test_backward_delta_against_oracle(poisoned, device, tokens, head_dim, heads, dtype):
+    # delta[h, t] = sum_d out[t, h, d] * grad_out[t, h, d], [Hq, T] fp32, from the fused
+    # preprocessing kernel; every element written (the output buffer starts as NaN), the
+    # padded head-dim lanes and the tokens past T masked. grad_out is a strided view (every
+    # other head of a wider tensor), as the kernel takes token and head strides.
+    generator = torch.Generator().manual_seed(tokens * head_dim + heads)
+    out = torch.randn(tokens, heads, head_dim, generator=generator).to(device, dtype)
+    wide = torch.randn(tokens, 2 * heads, head_dim, generator=generator).to(device, dtype)
+    grad_out = wide[:, ::2]
+    delta = backward_delta(out, grad_out)
+    want = (out.double() * grad_out.double()).sum(-1).T
+    assert delta.dtype == torch.float32 and delta.shape == (heads, tokens)
+    assert delta.is_contiguous()
+    allowed = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert relative_error(delta, want) < allowed
 
 
 def test_no_document_sees_another(backend, device):
@@ -231,8 +253,8 @@ def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     return out
 
 
-@pytest.mark.parametrize("causal,window,softcap",
-                         [(True, None, None), (True, 5, None), (False, None, 1.5), (False, 3, None)])
+@pytest.mark.parametrize("causal,window,softcap", [(True, None, None), (True, 5, None),
+                                                   (False, None, 1.5), (False, 3, None)])
 def test_flash_attn_arguments_keep_our_semantics(monkeypatch, causal, window, softcap):
     # The dispatch to flash-attn runs only on CUDA; its argument mapping is checked here
     # against a stand-in module with flash-attn's semantics.
