@@ -283,6 +283,7 @@ def launch_configs() -> list[tuple[str, dict]]:
             for name, config in attention.launch_config(head_dim, dtype).items():
                 kernel, flags = kernels[name]
                 add(kernel, {**config, **flags})
+            add("backward_delta_kernel", attention._delta_config(head_dim, dtype))
         if head_dim % 2 == 0:
             for heads in range(1, 129):
                 add("rope_kernel", rope.launch_config(heads, head_dim))

@@ -63,8 +63,8 @@ Published fractions of peak of the peers (``PEERS``, printed next to the bounds)
   TFLOPs/s). Used for the attention kernels on sm_90.
 - cuBLAS bf16 GEMM at large sizes: ~80-90 % of peak (NVIDIA's published cuBLAS results; the
   peer of the loss GEMMs).
-- Bandwidth-bound kernels (cross-entropy, RoPE): a device copy reaches ~90 % of DRAM
-  bandwidth (the roofline the peers, e.g. Liger-Kernel, share).
+- Bandwidth-bound kernels (cross-entropy, RoPE, attention's delta): a device copy reaches
+  ~90 % of DRAM bandwidth (the roofline the peers, e.g. Liger-Kernel, share).
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ PEERS = {
     ("cross_entropy", 90): (0.90, "device copy: ~90% of DRAM bandwidth"),
     ("rope", 80): (0.90, "device copy: ~90% of DRAM bandwidth"),
     ("rope", 90): (0.90, "device copy: ~90% of DRAM bandwidth"),
+    ("backward_delta", 80): (0.90, "device copy: ~90% of DRAM bandwidth"),
+    ("backward_delta", 90): (0.90, "device copy: ~90% of DRAM bandwidth"),
 }
 
 CLASSES = ("tensor", "fp32", "mufu", "integer", "predicate", "shared", "global", "async",
