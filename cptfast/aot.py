@@ -157,14 +157,21 @@ def representative_calls():
             calls.append((f"{name},D={head_dim}" + (",softcap,window" if softcap else ""),
                           attend))
     for (name, dtype), head_dim in ((d, h) for d in dtypes.items() for h in ATTENTION_HEAD_DIMS):
-        for heads in ROPE_HEADS:  # q and k with the same head count: one launch shape
-            def rotate(dtype=dtype, head_dim=head_dim, heads=heads):
+        for heads, dense in ((h, d) for h in ROPE_HEADS for d in (False, True)):
+            # q and k with the same head count: one forward launch for both, one backward launch
+            # per gradient, which is expanded (a sum's) or dense (a training step's).
+            def rotate(dtype=dtype, head_dim=head_dim, heads=heads, dense=dense):
                 q, k = (_meta(ROWS, heads, head_dim, dtype=dtype, requires_grad=True)
                         for _ in range(2))
                 cos, sin = _meta(ROWS, head_dim), _meta(ROWS, head_dim)
                 q_out, k_out = rope.apply_rotary_(q * 1, k * 1, cos, sin)
-                (q_out.sum() + k_out.sum()).backward()
-            calls.append((f"{name},D={head_dim},H={heads}", rotate))
+                if dense:
+                    torch.autograd.backward((q_out, k_out),
+                                            (torch.empty_like(q_out), torch.empty_like(k_out)))
+                else:
+                    (q_out.sum() + k_out.sum()).backward()
+            calls.append((f"{name},D={head_dim},H={heads}" + (",dense_grad" if dense else ""),
+                          rotate))
     return calls
 
 
