@@ -17,6 +17,7 @@ one) and by ``cptfast doctor``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import re
 import subprocess
@@ -381,20 +382,31 @@ def _parallel() -> int:
     return 0 if os.environ.get(_SHARD) else min(os.cpu_count() or 1, 8)
 
 
+def _worth_sharding(kernel_prefix: str) -> bool:
+    """Whether to compile in one process per core: only for many configurations (each process
+    lists the shipped kernels again, a few seconds)."""
+    return _parallel() > 1 and len(_selected(kernel_prefix)) > 16
+
+
 def _own_share(kernels: list[ShippedKernel]) -> list[ShippedKernel]:
     import os
     index, count = map(int, os.environ.get(_SHARD, "0/1").split("/"))
     return kernels[index::count]
 
 
+@functools.cache
+def _all_shipped() -> tuple[ShippedKernel, ...]:
+    return tuple(shipped_kernels())  # the same in every call of one process
+
+
 def _selected(kernel_prefix: str) -> list[ShippedKernel]:
-    return _own_share([k for k in shipped_kernels() if k.name.startswith(kernel_prefix)])
+    return _own_share([k for k in _all_shipped() if k.name.startswith(kernel_prefix)])
 
 
 def compile_all(architectures=ARCHITECTURES, kernel_prefix: str = "") -> list[CompiledKernel]:
     """Compile every shipped configuration (whose name starts with ``kernel_prefix``) for every
     architecture, in fresh processes (one per core; never in one running the interpreter)."""
-    if _interpreting() or _parallel() > 1:
+    if _interpreting() or _worth_sharding(kernel_prefix):
         return [CompiledKernel(**entry) for entry in _in_fresh_process(
             "compile", kernel_prefix, *map(str, architectures), shards=max(_parallel(), 1),
             group=len(architectures))]
@@ -406,7 +418,7 @@ def shipped_records(kernel_prefix: str | None = None,
                     architectures=ARCHITECTURES) -> list[dict]:
     """``analyze_kernel`` for every shipped configuration (whose name starts with
     ``kernel_prefix``, if given) and architecture, in fresh processes as ``compile_all``."""
-    if _interpreting() or _parallel() > 1:
+    if _interpreting() or _worth_sharding(kernel_prefix or ""):
         return _in_fresh_process("analyze", kernel_prefix or "", *map(str, architectures),
                                  shards=max(_parallel(), 1), group=len(architectures))
     return [analyze_kernel(kernel, arch) for kernel in _selected(kernel_prefix or "")

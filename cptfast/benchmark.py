@@ -16,7 +16,6 @@ is laid out as a dated section of ``bench/RESULTS.md``. Without a CUDA GPU it st
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -296,51 +295,24 @@ def collect_static_bounds(kernels: list[list[str]]) -> dict:
                 "failures": [{"kernel": "every kernel",
                               "error": f"the static model cannot be loaded: {_one_line(error)}"}]
                 if kernels else []}
-    with _enumerated_once():
-        for alternatives in kernels:
-            found = []
-            try:
-                for prefix in alternatives:
-                    found = shipped_records(prefix)
-                    if found:
-                        break
-            except Exception as error:  # a kernel that fails to compile: a line, not a crash
-                failures.append({"kernel": prefix, "error": "failed to compile or analyse: "
-                                                            + _one_line(error)})
-                continue
-            if not found:
-                failures.append({"kernel": " or ".join(f"{a}..." for a in alternatives),
-                                 "error": "no shipped configuration starts with this name "
-                                          "(STATIC_BOUND_KERNELS in cptfast/benchmark.py is "
-                                          "out of date)"})
-            records += [{key: r[key] for key in _RECORD_KEYS if key in r} for r in found]
+    for alternatives in kernels:
+        found = []
+        try:
+            for prefix in alternatives:
+                found = shipped_records(prefix)
+                if found:
+                    break
+        except Exception as error:  # a kernel that fails to compile: a line, not a crash
+            failures.append({"kernel": prefix, "error": "failed to compile or analyse: "
+                                                        + _one_line(error)})
+            continue
+        if not found:
+            failures.append({"kernel": " or ".join(f"{a}..." for a in alternatives),
+                             "error": "no shipped configuration starts with this name "
+                                      "(STATIC_BOUND_KERNELS in cptfast/benchmark.py is "
+                                      "out of date)"})
+        records += [{key: r[key] for key in _RECORD_KEYS if key in r} for r in found]
     return {"kernels": kernels, "records": records, "failures": failures}
-
-
-@contextlib.contextmanager
-def _enumerated_once():
-    """cptfast.aot lists the shipped kernels (by recording every wrapper's launches) on each
-    ``shipped_records`` call; within one collection the list cannot change, so it is made
-    once. Nothing changes where that function does not exist."""
-    aot = sys.modules.get("cptfast.aot")
-    original = getattr(aot, "shipped_kernels", None)
-    if original is None:
-        yield
-        return
-    made: list = []
-
-    def once(calls=None):
-        if calls is not None:
-            return original(calls)
-        if not made:
-            made.append(original())
-        return made[0]
-
-    aot.shipped_kernels = once
-    try:
-        yield
-    finally:
-        aot.shipped_kernels = original
 
 
 _RECORD_KEYS = ("kernel", "arch", "device", "bound_fraction", "peer_fraction", "peer",

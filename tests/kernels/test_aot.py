@@ -136,7 +136,7 @@ def test_aot_variant_equals_the_runtime_one(runtime_launches, call):
     expected = {"ce": 1, "ce_softcap_fp32": 1, "fused_loss": 2, "attention_d128": 3,
                 "attention_d64_fp16_window": 3, "attention_d256": 4, "rope_d16_h1": 2,
                 "rope_d128_h32": 2}[call]
-    assert len(launches) >= expected  # q and k rotate in separate launches of one variant
+    assert len(launches) >= expected
     for spec in launches:
         assert shipped_entry(spec) is not None, (
             f"{call}: Triton's runtime would compile a variant the doctor does not check: {spec}")
