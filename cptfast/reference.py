@@ -18,10 +18,10 @@ the fused linear version never holds more than one chunk of logits.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
+
+from cptfast.kernels._autocast import (autocast_cast, autocast_dtype, fp32_out_gemm,
+                                      no_autocast)
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_CHUNK_BYTES = 64 << 20  # fp32 working set of one chunk of logits
@@ -152,40 +152,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     return (loss, lse) if return_lse else loss
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force for ``device_type``, or None when autocast is off there
-    (or has no such device type: meta tensors, for one)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _no_autocast(device_type: str):
-    """A context with autocast off for ``device_type`` (nothing to turn off where it has none)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype | None):
-    """``tensor`` as autocast hands it to a lower-precision op (mm, linear): a floating tensor
-    other than fp64 in ``dtype``; anything else (and everything when ``dtype`` is None) as is."""
-    if tensor is None or dtype is None or not tensor.is_floating_point() \
-            or tensor.dtype in (dtype, torch.float64):
-        return tensor
-    return tensor.to(dtype)
-
-
-@functools.cache
-def _fp32_out_gemm(device_type: str) -> bool:
-    """Whether torch has aten::addmm.dtype_out (a bf16/fp16 GEMM accumulated straight into an
-    fp32 tensor) for ``device_type``: CUDA builds of torch 2.13 do, its CPU build does not.
-    Looked up once per device type in the dispatcher's kernel table."""
-    key = {"cuda": "CUDA", "cpu": "CPU"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "aten::addmm.dtype_out", key)
-
-
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out (fp32/fp64) += a @ b in place, a and b in their own (possibly half) dtype: no
     temporary of out's size, no half-precision round trip of the sum. Without an fp32-output
@@ -193,7 +159,7 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     operands in out's dtype: half-precision values and their products are exact there."""
     if a.dtype == out.dtype:
         out.addmm_(a, b)
-    elif _fp32_out_gemm(out.device.type) and out.dtype == torch.float32:
+    elif fp32_out_gemm(out.device.type) and out.dtype == torch.float32:
         torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
     else:
         out.addmm_(a.to(out.dtype), b.to(out.dtype))
@@ -228,8 +194,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         precompute = need_grad and reduction != "none"
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.device_type = hidden.device.type
-        with _no_autocast(hidden.device.type):
-            hidden, weight, bias = (_autocast_cast(t, compute_dtype)
+        with no_autocast(hidden.device.type):
+            hidden, weight, bias = (autocast_cast(t, compute_dtype)
                                     for t in (hidden, weight, bias))
             scale = _mean_scale(labels, ignore_index, reduction, math_dtype(hidden.dtype))
             losses, lse, grads = _fused_chunks(hidden, weight, bias, labels, scale, options,
@@ -250,7 +216,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 ctx, grad_loss, *ctx.saved_tensors)
         else:
             hidden, weight, labels, bias = ctx.saved_tensors
-            with _no_autocast(ctx.device_type):
+            with no_autocast(ctx.device_type):
                 _, _, grads = _fused_chunks(hidden, weight, bias, labels, grad_loss,
                                             ctx.options, ctx.chunk_bytes, want_grads=True)
             grad_hidden, grad_weight, grad_bias = _in_dtypes(grads, ctx.dtypes)
@@ -326,7 +292,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
                                                label_smoothing, z_loss, softcap, reduction,
                                                chunk_bytes or DEFAULT_CHUNK_BYTES,
-                                               _autocast_dtype(hidden.device.type))
+                                               autocast_dtype(hidden.device.type))
     return (loss, lse) if return_lse else loss
 
 
