@@ -1,14 +1,15 @@
 """Packed-sequence attention: work skipped by document masking, and (on a GPU) speed.
 
 On the CPU, exact counts: rows of 8,192 tokens packed with documents of lognormal length
-(mean ~600 tokens); the tiles our forward visits (`live_tiles`, the kernel's own loop bounds,
-checked against the kernel in tests/kernels/test_attention.py) and the attention FLOPs of the
-visible (query, key) pairs, against dense causal attention over the whole packed row (what SDPA
-with a causal mask does). On the CPU, timed: fwd+bwd of `cptfast.varlen_attention` (its CPU
-path, one SDPA per document) against SDPA over the packed row with a dense document mask (the
-exact stock-PyTorch alternative) and against plain causal SDPA (which leaks across documents),
-one row of 4,096 tokens (x CPTFAST_BENCH_SCALE, at least 1,024), 8 / 4 heads, D = 64, fp32.
-On a GPU: fwd+bwd TFLOP/s on a
+(mean ~600 tokens); the programs the forward launches (its work list of live blocks, against
+the dense grid of documents x query blocks), the tiles it visits (`live_tiles`, the kernel's
+own loop bounds, checked against the kernel in tests/kernels/test_attention.py) and the FLOPs
+of the visible (query, key) pairs, against dense causal attention over the whole packed row
+(what SDPA with a causal mask does). On the CPU, timed: fwd+bwd of `cptfast.varlen_attention`
+(its CPU path, one SDPA per document) against SDPA over the packed row with a dense document
+mask (the exact stock-PyTorch alternative) and against plain causal SDPA (which leaks across
+documents), one row of 4,096 tokens (x CPTFAST_BENCH_SCALE, at least 1,024), 8 / 4 heads,
+D = 64, fp32. On a GPU: fwd+bwd TFLOP/s on a
 batch of 8 packed rows of 8,192 tokens, 32 heads, D = 128, bf16, against flash-attn's varlen
 kernel over the same cu_seqlens, and per row (batch 8 x 8,192) SDPA with a dense document mask
 and FlexAttention with a document block mask (rebuilt per batch), each when available. Goal on
@@ -21,7 +22,7 @@ import torch
 from conftest import (SCALE, gpu_ms, median_seconds, record_metric, record_ratio,
                       record_roofline, record_series, short)
 
-from cptfast.kernels.attention import launch_config, live_tiles
+from cptfast.kernels.attention import launch_config, live_tiles, work_list
 
 ROW, HEAD_DIM = 8192, 128
 
@@ -69,6 +70,21 @@ def test_tiles_and_flops_vs_dense_causal(benchmark):
                  f"{ours_pairs * flops_per_pair / 1e9:,.1f} vs "
                  f"{dense_pairs * flops_per_pair / 1e9:,.1f} GFLOP per head over "
                  f"{len(layouts)} rows")
+    # Programs launched per head: the work list (live blocks, at most one padding program per
+    # document more) against the dense grid of documents x cdiv(max_seqlen, BLOCK_M) it
+    # replaced, at 8 packed rows of 8,192 tokens (one batch).
+    batch = layouts[:8]
+    cu = np.concatenate([[0]] + [np.array(layout[1:]) + i * ROW for i, layout in enumerate(batch)])
+    documents, max_seqlen = len(cu) - 1, int(np.diff(cu).max())
+    work = work_list(torch.tensor(cu, dtype=torch.int32), int(cu[-1]), max_seqlen, block_m,
+                     queries=True)
+    live = int((work[:, 0] >= 0).sum())
+    dense_programs = documents * -(-max_seqlen // block_m)
+    record_ratio("attention programs launched per head (8 x 8,192 tokens)",
+                 "dense documents x query-blocks grid", dense_programs / work.shape[0],
+                 f"{work.shape[0]:,} launched for {live:,} live query blocks vs "
+                 f"{dense_programs:,} ({1 - live / dense_programs:.0%} of the dense grid's "
+                 f"programs would exit at once); {documents} documents")
     record_metric("tile efficiency (visible pairs / visited tile area)",
                   f"{ours_pairs / (ours_tiles * block_m * block_n):.1%}",
                   "the rest is masked work inside boundary tiles")

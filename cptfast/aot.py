@@ -203,10 +203,13 @@ def calibration_calls():
 
 @dataclass
 class ShippedKernel:
-    """One configuration that ships: a launch a wrapper makes at a representative shape."""
-    name: str       # e.g. "attention_forward[bf16,D=128]"
+    """One configuration that ships: a launch a wrapper makes at a representative shape, on
+    the architectures whose tile table makes it (both, unless the name ends in ",sm_80" or
+    ",sm_90")."""
+    name: str       # e.g. "attention_forward[bf16,D=128,sm_90]"
     launch: Launch
-    spec: Specialization = field(repr=False)  # on sm_90 (the same rules on sm_80)
+    spec: Specialization = field(repr=False)  # for sm_90 (the same rules for sm_80)
+    archs: tuple = ARCHITECTURES
 
     @property
     def constexprs(self) -> dict:
@@ -228,22 +231,30 @@ def _variant(spec: Specialization) -> str:
 
 
 def shipped_kernels(calls=None) -> list[ShippedKernel]:
-    """Every distinct launch the representative calls (or ``calls``) make, named by kernel and
-    call (in a process that is not running Triton's interpreter)."""
-    found: dict[Specialization, ShippedKernel] = {}
-    names: set[str] = set()
+    """Every distinct launch the representative calls (or ``calls``) make on each architecture
+    (the wrappers choose their tiles per architecture: cptfast.kernels.attention's
+    compile_target), named by kernel and call, in a process that is not running Triton's
+    interpreter. A launch made on one architecture only has it in its name."""
+    from cptfast.kernels.attention import compile_target
+
+    found: dict[Specialization, tuple[str, Launch, list[int]]] = {}
     for label, call in calls or representative_calls():
-        with recorded_launches() as launches:
-            call()
-        for launch in launches:
-            spec, _, _ = specialize(launch, 90)
-            if spec in found:
-                continue
-            name = f"{_short(spec.kernel)}[{label}{_variant(spec)}]"
-            assert name not in names, f"two shipped variants named {name}"
-            names.add(name)
-            found[spec] = ShippedKernel(name, launch, spec)
-    return list(found.values())
+        for arch in ARCHITECTURES:
+            with compile_target(arch), recorded_launches() as launches:
+                call()
+            for launch in launches:
+                spec, _, _ = specialize(launch, 90)
+                if spec not in found:
+                    found[spec] = (f"{_short(spec.kernel)}[{label}{_variant(spec)}", launch, [])
+                found[spec][2].append(arch)
+    kernels, names = [], set()
+    for spec, (name, launch, archs) in found.items():
+        archs = tuple(sorted(set(archs)))
+        name += "]" if archs == ARCHITECTURES else "".join(f",sm_{a}" for a in archs) + "]"
+        assert name not in names, f"two shipped variants named {name}"
+        names.add(name)
+        kernels.append(ShippedKernel(name, launch, spec, archs))
+    return kernels
 
 
 @dataclass
@@ -262,18 +273,19 @@ class CompiledKernel:
                 f"{self.shared_bytes} B shared")
 
 
-def launch_configs() -> list[tuple[str, dict]]:
-    """(kernel, configuration) for every configuration each kernel's ``launch_config`` can
-    return over the inputs it accepts (vocabularies and hidden sizes up to 2^20, head dims up to
-    256, up to 128 heads)."""
+def launch_configs() -> list[tuple[str, dict, int]]:
+    """(kernel, configuration, architecture) for every configuration each kernel's
+    ``launch_config`` can return on each architecture over the inputs it accepts (vocabularies
+    and hidden sizes up to 2^20, head dims up to 256, up to 128 heads)."""
     import torch
 
     from cptfast.kernels import attention, cross_entropy, fused_linear_cross_entropy, rope
     found = []
 
-    def add(kernel, config):
-        if (kernel, config) not in found:
-            found.append((kernel, config))
+    def add(kernel, config, archs=ARCHITECTURES):
+        for arch in archs:
+            if (kernel, config, arch) not in found:
+                found.append((kernel, config, arch))
 
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
     for vocab, dtype in ((2 ** k, d) for k in range(21) for d in dtypes):  # next power of 2
@@ -287,10 +299,10 @@ def launch_configs() -> list[tuple[str, dict]]:
                "dk": ("attention_backward_dkdv_kernel", {"WANT_DK": True, "WANT_DV": False}),
                "dv": ("attention_backward_dkdv_kernel", {"WANT_DK": False, "WANT_DV": True})}
     for head_dim in range(1, 257):
-        for dtype in dtypes:  # fp32 tiles are their own table
-            for name, config in attention.launch_config(head_dim, dtype).items():
+        for dtype, arch in itertools.product(dtypes, ARCHITECTURES):
+            for name, config in attention.launch_config(head_dim, dtype, arch).items():
                 kernel, flags = kernels[name]
-                add(kernel, {**config, **flags})
+                add(kernel, {**config, **flags}, (arch,))
             add("backward_delta_kernel", attention._delta_config(head_dim, dtype))
         if head_dim % 2 == 0:
             for heads in range(1, 129):
@@ -299,15 +311,16 @@ def launch_configs() -> list[tuple[str, dict]]:
 
 
 def missing_configs(table: list[dict] | None = None) -> list[str]:
-    """The ``launch_configs`` no shipped configuration (``shipped_table``) compiles."""
+    """The ``launch_configs`` no shipped configuration (``shipped_table``) compiles for their
+    architecture."""
     table = shipped_table() if table is None else table
     missing = []
-    for kernel, config in launch_configs():
-        if not any(entry["kernel"] == kernel and all(
+    for kernel, config, arch in launch_configs():
+        if not any(entry["kernel"] == kernel and arch in entry["archs"] and all(
                 entry[key] == value if key in ("num_warps", "num_stages")
                 else entry["constants"].get(key) == value for key, value in config.items())
                 for entry in table):
-            missing.append(f"{kernel} {config}")
+            missing.append(f"{kernel} {config} sm_{arch}")
     return missing
 
 
@@ -343,11 +356,11 @@ def analyze_kernel(kernel: ShippedKernel, arch: int) -> dict:
     return record
 
 
-def _in_fresh_process(what: str, *arguments: str, shards: int = 1, group: int = 1):
+def _in_fresh_process(what: str, *arguments: str, shards: int = 1):
     """Run ``python -m cptfast.aot WHAT ARGUMENTS`` without Triton's interpreter (whose kernels
     cannot be compiled) and return its JSON output: a list, built by ``shards`` processes in
-    parallel, each taking every shards-th configuration (``_SHARD``; ``group`` entries per
-    configuration, one per architecture), put back in order."""
+    parallel, each taking every shards-th configuration (``_SHARD``) and printing a list of
+    entries per configuration (one per architecture it ships on), put back in order."""
     import json
     import os
     import sys
@@ -362,8 +375,7 @@ def _in_fresh_process(what: str, *arguments: str, shards: int = 1, group: int = 
         stdout, stderr = worker.communicate()
         if worker.returncode != 0:
             raise RuntimeError(f"ahead-of-time compilation failed:\n{stderr[-4000:]}")
-        entries = json.loads(stdout)
-        parts.append([entries[i:i + group] for i in range(0, len(entries), group)])
+        parts.append(json.loads(stdout))
     return [entry for row in itertools.zip_longest(*parts) for entries in row
             if entries is not None for entry in entries]
 
@@ -408,10 +420,23 @@ def compile_all(architectures=ARCHITECTURES, kernel_prefix: str = "") -> list[Co
     architecture, in fresh processes (one per core; never in one running the interpreter)."""
     if _interpreting() or _worth_sharding(kernel_prefix):
         return [CompiledKernel(**entry) for entry in _in_fresh_process(
-            "compile", kernel_prefix, *map(str, architectures), shards=max(_parallel(), 1),
-            group=len(architectures))]
-    return [compile_kernel(kernel, arch) for kernel in _selected(kernel_prefix)
-            for arch in architectures]
+            "compile", kernel_prefix, *map(str, architectures), shards=max(_parallel(), 1))]
+    return [compiled for group in _compiled_groups(kernel_prefix, architectures)
+            for compiled in group]
+
+
+def _archs(kernel: ShippedKernel, architectures) -> list[int]:
+    return [arch for arch in architectures if arch in kernel.archs]
+
+
+def _compiled_groups(kernel_prefix: str, architectures) -> list[list[CompiledKernel]]:
+    return [[compile_kernel(kernel, arch) for arch in _archs(kernel, architectures)]
+            for kernel in _selected(kernel_prefix)]
+
+
+def _record_groups(kernel_prefix: str, architectures) -> list[list[dict]]:
+    return [[analyze_kernel(kernel, arch) for arch in _archs(kernel, architectures)]
+            for kernel in _selected(kernel_prefix)]
 
 
 def shipped_records(kernel_prefix: str | None = None,
@@ -420,9 +445,9 @@ def shipped_records(kernel_prefix: str | None = None,
     ``kernel_prefix``, if given) and architecture, in fresh processes as ``compile_all``."""
     if _interpreting() or _worth_sharding(kernel_prefix or ""):
         return _in_fresh_process("analyze", kernel_prefix or "", *map(str, architectures),
-                                 shards=max(_parallel(), 1), group=len(architectures))
-    return [analyze_kernel(kernel, arch) for kernel in _selected(kernel_prefix or "")
-            for arch in architectures]
+                                 shards=max(_parallel(), 1))
+    return [record for group in _record_groups(kernel_prefix or "", architectures)
+            for record in group]
 
 
 def calibration_records(architectures=ARCHITECTURES) -> list[dict]:
@@ -441,7 +466,7 @@ def shipped_table() -> list[dict]:
     return [{"name": k.name, "kernel": k.spec.kernel, "signature": dict(k.spec.signature),
              "constants": dict(k.spec.constants),
              "divisible": list(k.spec.divisible), "num_warps": k.spec.num_warps,
-             "num_stages": k.spec.num_stages} for k in shipped_kernels()]
+             "num_stages": k.spec.num_stages, "archs": list(k.archs)} for k in shipped_kernels()]
 
 
 if __name__ == "__main__":
@@ -451,14 +476,16 @@ if __name__ == "__main__":
 
     what, prefix = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
     archs = [int(a) for a in sys.argv[3:]] or list(ARCHITECTURES)
+    # One list of entries per configuration (see _in_fresh_process).
     if what == "compile":
-        print(json.dumps([dataclasses.asdict(k) for k in compile_all(archs, prefix)]))
+        print(json.dumps([[dataclasses.asdict(k) for k in group]
+                          for group in _compiled_groups(prefix, archs)]))
     elif what == "analyze":
-        print(json.dumps(shipped_records(prefix, archs)))
+        print(json.dumps(_record_groups(prefix, archs)))
     elif what == "calibrate":
-        print(json.dumps(calibration_records(archs)))
+        print(json.dumps([calibration_records(archs)]))
     elif what == "list":
-        print(json.dumps(shipped_table()))
+        print(json.dumps([shipped_table()]))
     else:
         raise SystemExit("usage: python -m cptfast.aot compile|analyze|calibrate|list "
                          "[PREFIX] [ARCH...]")

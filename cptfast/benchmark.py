@@ -53,9 +53,12 @@ GPU_TEST_SECONDS, GPU_BENCH_SECONDS, STATIC_BOUND_SECONDS = 210, 300, 90
 # entry is a name prefix for ``shipped_records``, with the older spelling of the same
 # configuration after it (the names of cptfast.perf_model, before cptfast.aot named them from
 # the launches themselves); the first that matches is used.
-_FORWARD = ("attention_forward[bf16,D={d}]",)
-_DKDV = ("attention_backward_dkdv[bf16,D={d}]", "attention_dkdv[bf16,D={d}]")
-_DQ = ("attention_backward_dq[bf16,D={d}]", "attention_dq[bf16,D={d}]")
+# Where an architecture has its own tiles the names end in ",sm_80]" / ",sm_90]" (both match).
+_FORWARD = ("attention_forward[bf16,D={d},sm_", "attention_forward[bf16,D={d}]")
+_DKDV = ("attention_backward_dkdv[bf16,D={d},sm_", "attention_backward_dkdv[bf16,D={d}]",
+         "attention_dkdv[bf16,D={d}]")
+_DQ = ("attention_backward_dq[bf16,D={d},sm_", "attention_backward_dq[bf16,D={d}]",
+       "attention_dq[bf16,D={d}]")
 _ROPE = ("rope[bf16,D={d},H=32]", "rope[bf16,BLOCK_H=16,HALF={half}]")
 # The head's loss kernel, and the cross-entropy kernel its gradient path runs over chunks of
 # bf16 logits (BLOCK_V = 4096: the same specialisation at V = 32,000 as at 128,256).

@@ -4,11 +4,17 @@ the [N, V] logits in memory, exact (nothing filtered or skipped).
 Two paths, each where it is cheapest:
 
 - Loss only (no gradient wanted, or reduction "none" whose backward weights are unknown until
-  the backward): a Triton kernel in the manner of Cut Cross-Entropy. One program per block of
-  BLOCK_N rows walks the vocabulary in BLOCK_V tiles; each tile of logits lives only in
-  registers (tl.dot over H in BLOCK_H steps, tensor cores, wgmma on sm_90), soft-capped and
-  folded into a running max / sum of exponentials, the sum of the logits (label smoothing)
-  and the label's logit. Only the per-row lse and loss are written: no extra memory at all.
+  the backward): a Triton kernel in the manner of Cut Cross-Entropy, on a 2-D grid of (block
+  of BLOCK_N rows) x (vocabulary split). A split is a contiguous run of BLOCK_V tiles; the
+  wrapper picks how many so the grid fills the GPU in about whole waves (one block of rows alone
+  walking all of V would leave most SMs idle at a few thousand tokens). Each tile of logits
+  lives only in registers (tl.dot over H in BLOCK_H steps, tensor cores, wgmma on sm_90),
+  soft-capped and folded into the split's running max / sum of exponentials, the sum of the
+  logits (label smoothing), the label's logit (if the label is in the split) and a NaN count;
+  these five per-row partials go to small fp32 [splits, N] buffers. The grid is launched
+  flat, ordered in groups of GROUP_N row blocks, so the programs running together share a few
+  hidden blocks and weight tiles in L2. A log-sum-exp merge over the splits (torch ops on the
+  partials, no host sync) gives each row's lse and loss.
 - Gradients: rows in chunks sized from a memory budget. Each chunk's logits go into one
   reusable buffer (cuBLAS), the cross-entropy kernel (cross_entropy.py) turns them into their
   gradient in place, and that becomes the chunk's part of grad_hidden (g @ weight), of
@@ -35,6 +41,8 @@ dispatcher (`fp32_out_gemm`), never by catching an error.
 """
 
 from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
+
+import functools
 
 import torch
 import triton
@@ -68,24 +76,41 @@ def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hi
     return _capped(acc, softcap, HAS_SOFTCAP)
 
 
-@triton.jit
+# The split arguments are not specialised: they depend on the GPU's SM count, and a value that
+# happened to be 1 or a multiple of 16 would compile a variant of its own.
+@triton.jit(do_not_specialize=["n_splits", "tiles_per_split"])
 def fused_linear_cross_entropy_forward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, loss_ptr, lse_ptr, n_rows, vocab, hidden_size,
-    stride_hn, stride_hh, stride_wv, stride_wh, ignore_index, label_smoothing, z_loss, softcap,
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, partials_ptr, n_rows, vocab, hidden_size,
+    stride_hn, stride_hh, stride_wv, stride_wh, n_splits, tiles_per_split, ignore_index, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Partials of one (row block, vocabulary split): partials[k, split, row] for k = running
+    max, sum of exp(z - max), sum of z, the label's z (0 if not in this split), NaN count."""
+    # The (row block, split) grid, flattened so its order can be chosen: ids run down GROUP_N
+    # row blocks, then on to the next split. A wave in flight then holds about GROUP_N hidden
+    # blocks (each re-read for every tile: L2 keeps them) and each weight tile it reads is read
+    # by GROUP_N programs at about the same time (from HBM once).
+    pid = tl.program_id(0)
+    per_group = GROUP_N * n_splits
+    first_block = (pid // per_group) * GROUP_N
+    group_blocks = tl.minimum(tl.cdiv(n_rows, BLOCK_N) - first_block, GROUP_N)
+    row_block = first_block + (pid % per_group) % group_blocks
+    split = (pid % per_group) // group_blocks
+
+    rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, vocab)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     sum_exp = tl.zeros((BLOCK_N,), tl.float32)
     sum_z = tl.zeros((BLOCK_N,), tl.float32)
     z_label = tl.zeros((BLOCK_N,), tl.float32)
     nans = tl.zeros((BLOCK_N,), tl.int32)
-    for v0 in range(0, vocab, BLOCK_V):
+    for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < vocab
+        col_ok = cols < v_end
         z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
                         hidden_size, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
                         HAS_BIAS, HAS_SOFTCAP, FP32_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
@@ -96,12 +121,13 @@ def fused_linear_cross_entropy_forward_kernel(
         new_m = tl.maximum(m, tl.max(z, axis=1))
         sum_exp = sum_exp * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m[:, None]), axis=1)
         m = new_m
-    lse = m + tl.log(sum_exp)
-    lse = tl.where(nans > 0, float("nan"), lse)
-    loss = (1.0 - label_smoothing) * (lse - z_label) + z_loss * lse * lse
-    loss += label_smoothing * (lse - sum_z / vocab)
-    tl.store(loss_ptr + rows, tl.where(labels != ignore_index, loss, 0.0), mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    plane = n_splits.to(tl.int64) * n_rows
+    out = partials_ptr + split.to(tl.int64) * n_rows + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + plane, sum_exp, mask=row_ok)
+    tl.store(out + 2 * plane, sum_z, mask=row_ok)
+    tl.store(out + 3 * plane, z_label, mask=row_ok)
+    tl.store(out + 4 * plane, nans.to(tl.float32), mask=row_ok)
 
 
 def launch_config(hidden_size: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -109,10 +135,44 @@ def launch_config(hidden_size: int, dtype: torch.dtype = torch.bfloat16) -> dict
     constants, so the loads vectorise), 128 x 128 logit tiles with BLOCK_H = 32 and 8 warps fit
     in registers for bf16/fp16 on sm_80 and sm_90 and are tensor-bound in the static model
     (bound 1.00 against 0.50 / 0.65 for 64 x 64); fp32 tiles are twice the bytes and spill at
-    that size on sm_80, so fp32 keeps 64 x 64 (`cptfast doctor` checks what ships)."""
+    that size on sm_80, so fp32 keeps 64 x 64 (`cptfast doctor` checks what ships). GROUP_N
+    row blocks share the weight tiles in L2 (8 hidden blocks of 128 rows: 8 MiB at H = 4096)."""
     if dtype == torch.float32:
-        return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8}
-    return {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8}
+        return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8, "num_warps": 8}
+    return {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "GROUP_N": 8, "num_warps": 8}
+
+
+# A split is at least this many BLOCK_V tiles: each split costs five partials per row, and a
+# short one spends more of its time on the label load and the stores than on its tiles.
+MIN_SPLIT_TILES = 8
+# Where there is no CUDA device to ask (meta tensors when compiling ahead of time, the CPU):
+# an H100 / H200.
+DEFAULT_PROCESSORS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_PROCESSORS
+
+
+@functools.lru_cache(maxsize=4096)
+def tiles_per_split(row_blocks: int, tiles: int, processors: int, group: int = 8,
+                    min_tiles: int = MIN_SPLIT_TILES) -> int:
+    """How many BLOCK_V tiles one split walks. Programs run about one per SM (a 128 x 128 tile
+    kernel fills an SM's registers), in waves: the time is about waves x the longest split.
+    At least processors / ``group`` splits (when V allows), so that one wave spans about
+    ``group`` row blocks, whose hidden blocks then stay in L2; among those, the fewest splits
+    within 2% of the best time (each split costs partials, and more programs gain little)."""
+    most = max(1, tiles // min_tiles)
+    fewest = min(triton.cdiv(processors, group), most)
+    time = {}
+    for splits in range(fewest, most + 1):
+        length = triton.cdiv(tiles, splits)
+        time[length] = triton.cdiv(row_blocks * triton.cdiv(tiles, length), processors) * length
+    best = min(time.values())
+    return max(length for length, t in time.items() if t <= 1.02 * best)
 
 
 # One chunk of logits, in the logits' dtype. The chunk's rows are the K of the grad_weight GEMM
@@ -130,22 +190,41 @@ def rows_per_chunk(vocab: int, itemsize: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (itemsize * max(vocab, 1)))
 
 
-def _tile_losses(hidden, weight, bias, labels, options):
-    """Per-row losses and lse from the tile kernel: no logits in memory."""
-    n, hidden_size = hidden.shape
-    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty_like(losses)
+def _tile_losses(hidden, weight, bias, labels, options, split_tiles=None):
+    """Per-row losses and lse from the tile kernel: no logits in memory. ``split_tiles``: the
+    split length in BLOCK_V tiles (default: ``tiles_per_split`` for this device)."""
+    (n, hidden_size), vocab = hidden.shape, weight.shape[0]
     if n == 0:
-        return losses, lse
+        empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty.clone()
     config = launch_config(hidden_size, hidden.dtype)
-    fused_linear_cross_entropy_forward_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
-        hidden, weight, bias if bias is not None else hidden, labels, losses, lse, n,
-        weight.shape[0], hidden_size, hidden.stride(0), hidden.stride(1), weight.stride(0),
-        weight.stride(1), options["ignore_index"], float(options["label_smoothing"]),
-        float(options["z_loss"]), float(options["softcap"] or 1.0),
+    row_blocks = triton.cdiv(n, config["BLOCK_N"])
+    tiles = triton.cdiv(vocab, config["BLOCK_V"])
+    split_tiles = min(split_tiles or tiles_per_split(row_blocks, tiles,
+                                                     _processors(hidden.device),
+                                                     config["GROUP_N"]), tiles)
+    n_splits = triton.cdiv(tiles, split_tiles)
+    partials = torch.empty((5, n_splits, n), dtype=torch.float32, device=hidden.device)
+    fused_linear_cross_entropy_forward_kernel[(row_blocks * n_splits,)](
+        hidden, weight, bias if bias is not None else hidden, labels, partials, n, vocab,
+        hidden_size, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        n_splits, split_tiles, options["ignore_index"], float(options["softcap"] or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=options["softcap"] is not None,
         FP32_DOT=interpreting() or hidden.dtype == torch.float32, **config)
-    return losses, lse
+    return _merged_losses(partials, labels, vocab, options)
+
+
+def _merged_losses(partials, labels, vocab, options):
+    """Per-row losses and lse from the splits' partials [5, splits, N] (fp32): the exact
+    log-sum-exp of the whole row, rescaling each split's sum to the largest max."""
+    m, sum_exp, sum_z, z_label, nans = partials.unbind(0)
+    top = m.amax(0)
+    lse = top + torch.log((sum_exp * torch.exp(m - top)).sum(0))
+    lse = lse.masked_fill(nans.sum(0) > 0, float("nan"))  # max/exp may have skipped a NaN
+    smoothing, z_loss = float(options["label_smoothing"]), float(options["z_loss"])
+    loss = (1.0 - smoothing) * (lse - z_label.sum(0)) + z_loss * lse * lse
+    loss = loss + smoothing * (lse - sum_z.sum(0) / vocab)
+    return torch.where(labels != options["ignore_index"], loss, 0.0), lse
 
 
 def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -80,7 +80,7 @@ def test_the_suites_name_the_kernels_their_gpu_rows_launch():
     kernels = benchmark.static_bound_kernels(["attention", "hf"])
     flat = [name for alternatives in kernels for name in alternatives]
     assert len(flat) == len(set(flat))  # attention's kernels are not asked for twice
-    assert kernels[0] == ["attention_forward[bf16,D=128]"]
+    assert kernels[0] == ["attention_forward[bf16,D=128,sm_", "attention_forward[bf16,D=128]"]
     assert ["fused_linear_ce_forward[bf16,V=128256]", "fused_linear_ce_forward[bf16]"] in kernels
     assert benchmark.static_bound_kernels(["prepare", "loader", "distributed"]) == []
     assert benchmark.collect_static_bounds_for(["prepare"]) == {

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from cptfast.aot import (ARCHITECTURES, MAX_SHARED_BYTES, compile_all, launch_configs,
+from cptfast.aot import (MAX_SHARED_BYTES, compile_all, launch_configs,
                          missing_configs, shipped_table)
 
 SHIPPED = shipped_table()  # (computed in a process without the interpreter)
@@ -21,8 +21,8 @@ def compiled():
     return {(k.name, k.arch): k for k in compile_all()}
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("name", [entry["name"] for entry in SHIPPED])
+@pytest.mark.parametrize("name,arch", [(entry["name"], arch) for entry in SHIPPED
+                                       for arch in entry["archs"]])
 def test_shipped_config_compiles_without_spills(compiled, name, arch):
     kernel = compiled[(name, arch)]
     print(kernel.line())
@@ -41,12 +41,19 @@ def test_shipped_config_compiles_without_spills(compiled, name, arch):
 def test_every_launch_config_ships():
     assert missing_configs(SHIPPED) == []
     # The check can fail: drop the shipped variants of one configuration and it is named.
-    kernel, config = next((k, c) for k, c in launch_configs() if k == "rope_kernel"
-                          and c["BLOCK_HALF"] == 8)  # head dim 16: the demo model's
+    kernel = "rope_kernel"  # head dim 16 (BLOCK_HALF 8): the demo model's
     kept = [e for e in SHIPPED if not (e["kernel"] == kernel
                                        and e["constants"]["BLOCK_HALF"] == 8)]
-    assert missing_configs(kept) == [f"{kernel} {c}" for k, c in launch_configs()
-                                     if k == kernel and c["BLOCK_HALF"] == 8]
+    expected = [f"{kernel} {c} sm_{a}" for k, c, a in launch_configs()
+                if k == kernel and c["BLOCK_HALF"] == 8]
+    assert expected and missing_configs(kept) == expected
+    # An architecture's tiles must ship for it: the attention forwards at D = 128 compiled for
+    # sm_90 only leave every sm_80 configuration at D = 128 missing.
+    arch_only = [dict(e, archs=[90]) if e["name"].startswith("attention_forward[")
+                 and "D=128" in e["name"] else e for e in SHIPPED]
+    assert [m for m in missing_configs(arch_only) if m.startswith("attention_forward")] == [
+        f"attention_forward_kernel {c} sm_80" for k, c, a in launch_configs()
+        if k == "attention_forward_kernel" and a == 80 and c["BLOCK_D"] == 128]
 
 
 def test_names_are_unique_and_say_the_dtype():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cptfast
-from cptfast.kernels.attention import backward_delta, launch_config, live_tiles
+from cptfast.kernels.attention import backward_delta, launch_config, live_tiles, work_list
 from cptfast.kernels.attention import varlen_attention as triton_attention
 
 
@@ -190,6 +190,69 @@ def test_kernel_visits_exactly_the_live_tiles(seed, device):
                      max(b - a for a, b in zip(layout, layout[1:])), causal=causal,
                      window=window, tile_counts=counts)
     assert int(counts.sum()) == heads * exact
+
+
+def span_met(length, begin, block, queries, causal, window):
+    """How many positions on the other side a block of positions meets, by brute force: the
+    keys some query of a query block sees, or the queries that see some key of a key block."""
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    visible = torch.ones(length, length, dtype=torch.bool)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= i - j <= window
+    rows = visible[begin:begin + block] if queries else visible[:, begin:begin + block].T
+    return int(rows.any(dim=0).sum())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_work_list_holds_each_live_block_once_costliest_first(seed):
+    rng = random.Random(seed)
+    layout = random_layout(rng, rng.choice([40, 300, 700]))
+    if seed % 2:  # empty documents, which have no blocks at all
+        layout = sorted(layout + [layout[1], layout[-1]])
+    block = rng.choice([16, 32, 64, 128])
+    queries, causal = bool(seed % 3), seed % 4 != 3
+    window = rng.choice([None, 0, 10, 100])
+    max_seqlen = max(b - a for a, b in zip(layout, layout[1:]))
+    work = work_list(torch.tensor(layout, dtype=torch.int32), layout[-1], max_seqlen, block,
+                     queries=queries, causal=causal, window=window)
+    assert work.dtype == torch.int32 and work.shape[1] == 2
+    documents = len(layout) - 1
+    assert work.shape[0] == min(documents * -(-max_seqlen // block),
+                                (layout[-1] + documents * (block - 1)) // block)
+    live = [(d, b) for d in range(documents)
+            for b in range(-(-(layout[d + 1] - layout[d]) // block))]
+    items = [tuple(item) for item in work.tolist()]
+    assert sorted(i for i in items if i[0] >= 0) == live  # each live block exactly once
+    first_padding = next((n for n, i in enumerate(items) if i[0] < 0), len(items))
+    assert all(i[0] < 0 for i in items[first_padding:])  # padding only at the end
+    costs = [span_met(layout[d + 1] - layout[d], b * block, block, queries, causal, window)
+             for d, b in items[:first_padding]]
+    assert costs == sorted(costs, reverse=True)
+    for (d0, b0), (d1, b1), c0, c1 in zip(items, items[1:first_padding], costs, costs[1:]):
+        assert c0 > c1 or (d0, b0) < (d1, b1)  # ties keep document order
+
+
+def test_packed_rows_launch_programs_for_live_blocks_only():
+    # Eight rows of 8,192 tokens, documents of mean length ~600: the dense grid of
+    # documents x cdiv(max_seqlen, 128) launches ~4x the programs that have work (here 2592
+    # for 561), the work list at most one per document more than those.
+    rng = random.Random(0)
+    layout = [0]
+    for _ in range(8):
+        row_end = layout[-1] + 8192
+        while layout[-1] < row_end:
+            layout.append(min(row_end, layout[-1] + max(1, int(rng.expovariate(1 / 600)))))
+    max_seqlen = max(b - a for a, b in zip(layout, layout[1:]))
+    documents = len(layout) - 1
+    work = work_list(torch.tensor(layout, dtype=torch.int32), layout[-1], max_seqlen, 128,
+                     queries=True)
+    live = sum(-(-(b - a) // 128) for a, b in zip(layout, layout[1:]))
+    dense = documents * -(-max_seqlen // 128)
+    assert int((work[:, 0] >= 0).sum()) == live
+    assert work.shape[0] <= live + documents < dense / 3
 
 
 def test_documents_and_the_diagonal_skip_tiles():
