@@ -370,6 +370,7 @@ def analyze(compiled, *, arch: int | None = None, useful_flops_per_iteration: fl
         "kind": kind, "limiter": limiter,
         "tensor_ops": hot["tensor_shapes"], "instruction_classes": classes,
         "instructions_per_iteration": hot["instructions"], "loops": len(bodies),
+        "global_bytes_per_warp": hot["global_bytes_per_warp"],
         "unroll": unroll,
         "issued_tensor_flops": issued_flops, "useful_tensor_flops": useful,
         "cycles": {name: round(value, 1) for name, value in cycles.items()},

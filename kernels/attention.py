@@ -491,8 +491,10 @@ def launch_config(head_dim: int, dtype: torch.dtype = torch.bfloat16,
 # - On sm_80 each warp of an mma.sync layout takes 16 rows; with fewer rows than 16 x warps
 #   Triton splits warps along the other side too (along keys, FlashAttention-1's layout), and
 #   every warp reads its operands from shared memory (the model's limiter there). 128 x 32
-#   with 8 warps keeps the forward and dq split along queries only, without spills; dk/dv at
-#   128 keys spills on sm_80 (16 B), so it keeps 64-key tiles.
+#   with 8 warps keeps the forward and dq split along queries only, without spills. dk/dv at
+#   128 keys spills on sm_80 (16 B) and at 64 keys duplicates a third of its tensor work, so
+#   at D = 128 sm_80 runs dk and dv as two 128-key kernels (bounds 0.54 and 0.69 against 0.32
+#   for the one kernel: a fifth more products, a third less time in the model).
 # - At D = 256 the dk and dv accumulators do not fit in registers together, so the backward
 #   runs one key-block kernel for dv and one for dk (the scores recomputed, +1 of 5 products).
 # fp32 inputs (training without autocast: the FP32_DOT path, tl.dot in TF32) get _BLOCKS_FP32:
@@ -505,7 +507,8 @@ _BLOCKS_SM80 = {
     16: {"forward": (64, 64, 4, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 8, 3)},
     32: {"forward": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (128, 64, 8, 3)},
     64: {"forward": (128, 64, 8, 3), "dkdv": (32, 64, 8, 3), "dq": (128, 64, 8, 3)},
-    128: {"forward": (128, 32, 8, 3), "dkdv": (32, 64, 8, 3), "dq": (128, 32, 8, 1)},
+    128: {"forward": (128, 32, 8, 3), "dv": (32, 128, 8, 1), "dk": (16, 128, 8, 2),
+          "dq": (128, 32, 8, 1)},
     256: {"forward": (64, 32, 8, 3), "dv": (32, 64, 8, 3), "dk": (16, 64, 8, 2),
           "dq": (64, 32, 8, 3)},
 }

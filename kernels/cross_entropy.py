@@ -9,7 +9,10 @@ online max / sum-of-exponentials (the log-sum-exp without holding the row), then
 gradient is wanted, the gradient itself, already multiplied by the reduction's scale (1 / the
 number of counted rows for "mean"). So the forward leaves the whole gradient behind and the
 backward is one multiplication by the incoming gradient. Ignored rows get loss 0 and a zero
-gradient; a NaN anywhere in a counted row makes its loss NaN. Offsets are 64-bit.
+gradient (written without reading their logits); a NaN anywhere in a counted row makes its loss
+NaN. A row is read in chunks from the 16-byte boundary before it, so all chunks but its first
+and last are whole and aligned (vectorised at any V, and only those two pay for a mask).
+Offsets are 64-bit.
 """
 
 from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
@@ -43,62 +46,113 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _chunks(shift, vocab, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Where the chunks of one row start, in columns from the aligned address before it (shift
+    columns before column 0): (count, first, jump). The unmasked chunks lie wholly inside the
+    row, from BLOCK_V on; the masked ones are the first (with the columns before 0) and the
+    last partial one, if any."""
+    full_end = (vocab + shift) // BLOCK_V * BLOCK_V
+    tail = tl.maximum(full_end, BLOCK_V)
+    if MASKED:
+        count = 1 + (tail < vocab + shift).to(tl.int32)
+        first = 0
+    else:
+        count = tl.maximum(full_end // BLOCK_V - 1, 0)
+        first = BLOCK_V
+    return count, first, tail
+
+
+@triton.jit
 def cross_entropy_forward_kernel(
-    logits_ptr, logits_row_stride, labels_ptr, loss_ptr, lse_ptr, grad_ptr, grad_row_stride,
-    scale_ptr, vocab, ignore_index, label_smoothing, z_loss, softcap,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    logits_ptr, row_stride, labels_ptr, loss_ptr, lse_ptr, grad_ptr, scale_ptr, vocab,
+    ignore_index, label_smoothing, z_loss, softcap, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SCALE_PER_ROW: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_logits = logits_ptr + row * logits_row_stride
     label = tl.load(labels_ptr + row).to(tl.int64)
     counted = label != ignore_index
+    # Chunks start at the 16-byte boundary at or before the row's first column, so that every
+    # chunk but the first and the last is whole and aligned (vectorised loads and stores for
+    # any V, e.g. GPT-2's 50,257): the row is read from `aligned`, column c at c + shift.
+    ALIGN: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
+    offset = row * row_stride
+    shift = (offset % ALIGN).to(tl.int32)
+    aligned = tl.multiple_of(offset - shift, ALIGN)
 
     # Pass 1: running max m, sum of exp(z - m), sum of z, and a NaN count.
     m = tl.full([], float("-inf"), tl.float32)
     sum_exp = tl.zeros([], tl.float32)
     sum_z = tl.zeros([], tl.float32)
     nans = tl.zeros([], tl.int32)
-    for start in range(0, vocab, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        inside = cols < vocab
-        x = tl.load(row_logits + cols, mask=inside, other=0.0).to(tl.float32)
-        nans += tl.sum((x != x).to(tl.int32), axis=0)
-        z = _capped(x, softcap, HAS_SOFTCAP)
-        sum_z += tl.sum(tl.where(inside, z, 0.0), axis=0)
-        z = tl.where(inside, z, float("-inf"))
-        new_m = tl.maximum(m, tl.max(z, axis=0))
-        sum_exp = sum_exp * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
-        m = new_m
+    for masked in tl.static_range(2):
+        count, first, jump = _chunks(shift, vocab, masked == 1, BLOCK_V)
+        for i in range(count):
+            start = first + i * BLOCK_V
+            if masked == 1:
+                start = tl.where(i == 0, 0, jump)
+            index = start + tl.arange(0, BLOCK_V)
+            cols = index - shift
+            if masked == 1:
+                inside = (cols >= 0) & (cols < vocab)
+                x = tl.load(logits_ptr + aligned + index, mask=inside, other=0.0)
+            else:
+                x = tl.load(logits_ptr + aligned + index)
+            x = x.to(tl.float32)
+            nans += tl.sum((x != x).to(tl.int32), axis=0)
+            z = _capped(x, softcap, HAS_SOFTCAP)
+            if masked == 1:
+                sum_z += tl.sum(tl.where(inside, z, 0.0), axis=0)
+                z = tl.where(inside, z, float("-inf"))
+            else:
+                sum_z += tl.sum(z, axis=0)
+            new_m = tl.maximum(m, tl.max(z, axis=0))
+            sum_exp = sum_exp * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+            m = new_m
     lse = m + tl.log(sum_exp)
     lse = tl.where(nans > 0, float("nan"), lse)
 
     safe_label = tl.where(counted, label, 0)
-    z_label = _capped(tl.load(row_logits + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
+    z_label = _capped(tl.load(logits_ptr + offset + safe_label).to(tl.float32), softcap,
+                      HAS_SOFTCAP)
     loss = (1.0 - label_smoothing) * (lse - z_label) + z_loss * lse * lse
     loss += label_smoothing * (lse - sum_z / vocab)
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
     tl.store(lse_ptr + row, lse)
 
     if COMPUTE_GRAD:
-        # Pass 2: the gradient, scaled for the reduction (zero for an ignored row).
+        # Pass 2: the gradient, scaled for the reduction. An ignored row's is zero, written
+        # without reading its logits: a NaN or inf there cannot reach the gradient (0 * NaN
+        # is NaN) and from there grad_weight.
         scale = tl.load(scale_ptr + row if SCALE_PER_ROW else scale_ptr).to(tl.float32)
         softmax_factor = 1.0 + 2.0 * z_loss * lse
-        row_grad = grad_ptr + row * grad_row_stride
-        for start in range(0, vocab, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            inside = cols < vocab
-            x = tl.load(row_logits + cols, mask=inside, other=0.0).to(tl.float32)
-            z = _capped(x, softcap, HAS_SOFTCAP)
-            grad = tl.exp(z - lse) * softmax_factor - label_smoothing / vocab
-            grad -= tl.where(cols == label, 1.0 - label_smoothing, 0.0)
-            if HAS_SOFTCAP:
-                capped = z / softcap
-                grad *= 1.0 - capped * capped
-            # A select, not a product: a NaN or inf in an ignored row must not reach the
-            # gradient (0 * NaN is NaN) and from there grad_weight.
-            grad = tl.where(counted, grad * scale, 0.0)
-            tl.store(row_grad + cols, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+        for masked in tl.static_range(2):
+            count, first, jump = _chunks(shift, vocab, masked == 1, BLOCK_V)
+            for i in range(count):
+                start = first + i * BLOCK_V
+                if masked == 1:
+                    start = tl.where(i == 0, 0, jump)
+                index = start + tl.arange(0, BLOCK_V)
+                cols = index - shift
+                inside = (cols >= 0) & (cols < vocab)
+                if counted:
+                    if masked == 1:
+                        x = tl.load(logits_ptr + aligned + index, mask=inside, other=0.0)
+                    else:
+                        x = tl.load(logits_ptr + aligned + index)
+                    z = _capped(x.to(tl.float32), softcap, HAS_SOFTCAP)
+                    grad = tl.exp(z - lse) * softmax_factor - label_smoothing / vocab
+                    grad -= tl.where(cols == label, 1.0 - label_smoothing, 0.0)
+                    if HAS_SOFTCAP:
+                        capped = z / softcap
+                        grad *= 1.0 - capped * capped
+                    grad = grad * scale
+                else:
+                    grad = tl.zeros((BLOCK_V,), tl.float32)
+                if masked == 1:
+                    tl.store(grad_ptr + aligned + index, grad.to(grad_ptr.dtype.element_ty),
+                             mask=inside)
+                else:
+                    tl.store(grad_ptr + aligned + index, grad.to(grad_ptr.dtype.element_ty))
 
 
 def launch_config(vocab: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -119,10 +173,10 @@ def launch_config(vocab: int, dtype: torch.dtype = torch.bfloat16) -> dict:
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *,
                        ignore_index: int, label_smoothing: float, z_loss: float,
                        softcap: float | None, grad: torch.Tensor | None):
-    """Per-row loss and lse (fp32 [N]); with ``grad`` ([N, V], any float dtype, may alias
-    ``logits``), also writes dloss/dlogits * scale into it. ``scale`` (fp32) has one element
-    (1 / counted rows for "mean") or one per row; it is read on the device, so there is no host
-    synchronisation."""
+    """Per-row loss and lse (fp32 [N]); with ``grad`` ([N, V] in the logits' strides and dtype,
+    may alias ``logits``), also writes dloss/dlogits * scale into it. ``scale`` (fp32) has one
+    element (1 / counted rows for "mean") or one per row; it is read on the device, so there is
+    no host synchronisation."""
     rows, vocab = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(losses)
@@ -131,12 +185,12 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     labels, scale = labels.contiguous(), scale.contiguous()
-    if grad is not None and grad.stride(1) != 1:
-        raise ValueError("grad must be contiguous along the vocabulary")
+    if grad is not None and (grad.stride() != logits.stride() or grad.dtype != logits.dtype):
+        raise ValueError("grad must have the logits' strides and dtype (the kernel reads and "
+                         "writes a row at the same offsets)")
     config = launch_config(vocab, logits.dtype)
     cross_entropy_forward_kernel[(rows,)](
-        logits, logits.stride(0), labels, losses, lse,
-        grad if grad is not None else losses, grad.stride(0) if grad is not None else 0,
+        logits, logits.stride(0), labels, losses, lse, grad if grad is not None else logits,
         scale, vocab, ignore_index, float(label_smoothing), float(z_loss),
         float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=grad is not None,
@@ -165,8 +219,12 @@ class _TritonCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction):
         scale = mean_scale(labels, ignore_index, reduction)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
-            if logits.requires_grad else None
+        need_grad = logits.requires_grad
+        if logits.stride(1) != 1 or logits.stride(0) < logits.shape[1]:  # e.g. expanded rows
+            logits = logits.contiguous()
+        # The gradient in the logits' layout (cross_entropy_rows reads and writes one offset).
+        grad = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
+                                   device=logits.device) if need_grad else None
         losses, lse = cross_entropy_rows(logits, labels, scale, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing, z_loss=z_loss,
                                          softcap=softcap, grad=grad)
