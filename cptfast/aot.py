@@ -7,7 +7,9 @@ memory) with Triton's launch recorded instead of run (``recorded_launches``). Ea
 launch is specialised by Triton's own runtime rules — the binder ``JITFunction.run`` builds
 (``create_function_from_signature``) and ``JITFunction._pack_args``, for the CUDA backend of the
 target: integer arguments equal to 1 become constants, pointers and integers that are multiples
-of 16 are marked divisible — and compiled with ``triton.compile`` for sm_80 and sm_90. Then
+of 16 are marked divisible — and compiled with ``triton.compile`` for sm_80 and sm_90 (the
+calls are recorded once per architecture, since attention picks its tiles per architecture; a
+launch only one of them makes is compiled for that one and named after it). Then
 registers, stack (spills), local and shared memory are read from the cubin with the cuobjdump
 inside the triton wheel, and ``analyze`` (cptfast.perf_model) reads a static bound from its
 SASS. Used by the tests (shipped configs must not spill; the AOT variant equals the runtime
