@@ -1,5 +1,5 @@
-// Byte-level facts of the token-shard formats cptfast reads (see FORMATS.md in the design
-// notes), as constants and small inline functions. Nothing here touches files or the OS, so
+// Byte-level facts of the token-shard formats cptfast reads (docs/FORMATS.md describes them),
+// as constants and small inline functions. Nothing here touches files or the OS, so
 // the same functions serve the CPU readers and, later, CUDA code (CPTFAST_HD).
 #pragma once
 

@@ -63,7 +63,7 @@ def test_import_is_cheap():
     assert result.stdout.strip() == "False", result.stderr
 
 
-# Layers from DESIGN.md: a module may import only layers below its own (or its own package).
+# The import direction: a module may import only layers below its own (or its own package).
 LAYER = {"cli": 5, "benchmark": 4, "doctor": 3, "training": 4, "hf": 3, "data": 3, "demo": 3,
          "ops": 2, "aot": 2, "perf_model": 1, "reference": 1, "_ext": 1, "_C": 0, "errors": 0, "kernels": 0}
 

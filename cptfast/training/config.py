@@ -136,7 +136,8 @@ class ScheduleConfig:
 @dataclass
 class TrainSection:
     steps: int = _help("optimizer steps in this run", 1000)
-    output: str = _help("run directory: checkpoints/, metrics.jsonl, final/", "runs/cptfast")
+    output: str = _help("run directory: checkpoints/ (each step-N a model transformers loads), "
+                        "metrics.jsonl", "runs/cptfast")
     precision: str = _help("fp32 | bf16-mixed (fp32 weights, bf16 compute) | bf16-pure "
                            "(bf16 weights and optimizer states)", "bf16-mixed")
     seed: int = _help("seed of the model-side randomness", 0)
