@@ -12,7 +12,9 @@
   validated: counts, checksums of the header and the arrays, shape).
 """
 
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,8 +101,9 @@ def test_expanded_batches(benchmark, corpus):
 
     nanogpt_rate = rate(nanogpt)
 
-    from cptfast.data.packing_reference import ReferenceStream
-    from cptfast.data.packing_reference import expand as reference_expand
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "data"))
+    from packing_reference import ReferenceStream  # the tests' oracle, not shipped
+    from packing_reference import expand as reference_expand
     offsets = np.concatenate([[0], np.cumsum(lengths[:3000])])
     docs = [np.asarray(memmap[offsets[i]:offsets[i + 1]]) for i in range(3000)]
     reference = ReferenceStream([docs], SEQ_LEN)

@@ -5,7 +5,7 @@ sources (seeded, token-weighted), takes every ``world_size``-th global row, and 
 threads copy those rows from the memory-mapped shards into compact batches (T+1 token slots per
 row plus document boundaries), which are then expanded into ``input_ids``, ``labels``,
 ``position_ids``, ``cu_seqlens`` and ``max_seqlen``. The exact rules are written out in
-``cptfast/data/packing_reference.py``, the pure-numpy oracle the tests compare against.
+``tests/data/packing_reference.py``, the pure-numpy oracle the tests compare against.
 
 The data position is the global row (plus, per source, its row cursor and tokens taken, which
 follow from it): ``state_dict()`` after any batch, ``load_state_dict()`` on a loader with any

@@ -1,4 +1,4 @@
-"""The packed loader against the numpy oracle (cptfast/data/packing_reference.py), and the
+"""The packed loader against the numpy oracle (tests/data/packing_reference.py), and the
 properties users rely on: coverage, no cross-document labels, disjoint ranks, exact resume,
 mixture shares.
 
@@ -22,7 +22,7 @@ from independent_writers import write_megatron
 from cptfast._ext import extension
 from cptfast.data import PackedLoader, prepare
 from cptfast.data import loader as loader_module
-from cptfast.data.packing_reference import CompactRow, ReferenceStream, expand
+from packing_reference import CompactRow, ReferenceStream, expand
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

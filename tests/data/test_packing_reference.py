@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cptfast.data.packing_reference import (
+from packing_reference import (
     CompactRow, ReferenceStream, SplitMix64, best_fit_decreasing, expand, mix64, shuffle,
     stream_state,
 )
