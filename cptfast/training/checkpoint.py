@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import warnings
 from pathlib import Path
@@ -88,10 +87,9 @@ def exclusive(run_dir: str | Path, enabled: bool = True):
 
 
 def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict, context, *,
-         keep: int, export: bool, ema: dict | None = None, kill_at: int | None = None) -> Path:
+         keep: int, export: bool, ema: dict | None = None) -> Path:
     """Write checkpoint ``step`` (a collective: every rank calls it) and keep the newest
-    ``keep``. ``kill_at`` (tests only) SIGKILLs every rank half-way through checkpoint
-    ``kill_at``."""
+    ``keep``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -117,8 +115,6 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
             _export(unwrap(model), staging, tokenizer, context)
             if ema is not None:  # the averaged weights, as their own Hugging Face directory
                 _export(unwrap(model), staging / "ema", tokenizer, context, weights=ema)
-        if kill_at == step:
-            os.kill(os.getpid(), signal.SIGKILL)
         rng = context.gather(_rng_state(), what)
         context.barrier(what)
         if context.main:

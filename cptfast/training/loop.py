@@ -183,7 +183,6 @@ def _train(config: Config, context: Context, device: torch.device, stop: _StopSi
         progress=config.logging.progress, tensorboard=config.logging.tensorboard,
         total_steps=config.train.steps))
     peak = peak_flops(device)
-    kill_at = _test_kill_points(context.rank)
     stall = _StallWatch(config.train.stall_steps)
 
     def save(at_step: int, export: bool = config.checkpoint.export) -> Path:
@@ -196,8 +195,7 @@ def _train(config: Config, context: Context, device: torch.device, stop: _StopSi
         meta = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                 "loader": loader.state_dict(), "evals": evals, "config": to_dict(config)}
         return checkpoint.save(run_dir, at_step, model, optimizer, tokenizer, meta, context,
-                               keep=config.checkpoint.keep, export=export, ema=ema,
-                               kill_at=kill_at.get("checkpoint"))
+                               keep=config.checkpoint.keep, export=export, ema=ema)
 
     def evaluate(at_step: int) -> None:
         if eval_sets:  # every rank runs the same batches (FSDP2 needs all of them anyway)
@@ -305,8 +303,6 @@ def _train(config: Config, context: Context, device: torch.device, stop: _StopSi
         if config.checkpoint.every and step % config.checkpoint.every == 0:
             save(step, export=config.checkpoint.export or step == config.train.steps)
             saved_step = step
-        if kill_at.get("step") == step:
-            os.kill(os.getpid(), 9)
         # A signal on any rank: every rank stops after this same step.
         signum = int(context.max(stop.signum or 0, device, f"step {step}'s stop check"))
         if signum and step < config.train.steps:
@@ -507,14 +503,3 @@ def _parameter_groups(model, weight_decay: float) -> list[dict]:
 
 def _embedding_rows(model) -> int:
     return unwrap(model).get_input_embeddings().weight.shape[0]
-
-
-def _test_kill_points(rank: int) -> dict:
-    """CPTFAST_TEST_KILL=step:N or checkpoint:N (optionally ,rank:R): SIGKILL after step N or
-    half-way through writing checkpoint N, on every rank or only on rank R (used by the
-    resumption and failure tests)."""
-    spec = dict(part.split(":") for part in os.environ.get("CPTFAST_TEST_KILL", "").split(",")
-                if part)
-    if "rank" in spec and int(spec.pop("rank")) != rank:
-        return {}
-    return {kind: int(number) for kind, number in spec.items()}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import toml
+from test_train import FAULT_INJECTION, toml
 
 STEPS = 6
 
@@ -26,12 +26,13 @@ def run(setup, run_dir: Path, ranks: int, parallel: str = "ddp", kill: str = "",
     overrides = [f"--train.steps={STEPS}", f'--train.parallel="{parallel}"',
                  "--train.timeout_s=60", "--train.deterministic=false", "--checkpoint.every=3",
                  "--eval.every=0"]
-    env = {**os.environ, "CPTFAST_TEST_KILL": kill, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    program = [str(FAULT_INJECTION), kill] if kill else ["-m", "cptfast"]  # the same command
     if ranks == 1:
-        command = [sys.executable, "-m", "cptfast", "train", str(config), *overrides]
+        command = [sys.executable, *program, "train", str(config), *overrides]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                   "--master_port", str(29500 + os.getpid() % 1000), "-m", "cptfast", "train",
+                   "--master_port", str(29500 + os.getpid() % 1000), *program, "train",
                    str(config), *overrides]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 

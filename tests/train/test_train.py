@@ -2,7 +2,6 @@
 middle of writing a checkpoint), non-finite losses, the final checkpoint in transformers, and a
 shortened demo."""
 
-import os
 import random
 import subprocess
 import sys
@@ -53,13 +52,17 @@ tensorboard = false
 """ + extra
 
 
+FAULT_INJECTION = Path(__file__).with_name("fault_injection.py")
+
+
 def run_cli(setup: Path, run_dir: Path, kill: str | None = None, extra: str = "",
             overrides: tuple = ()) -> subprocess.CompletedProcess:
     config = run_dir.parent / f"{run_dir.name}.toml"
     config.write_text(toml(setup, run_dir, extra))
-    env = {**os.environ, "CPTFAST_TEST_KILL": kill or ""}
-    return subprocess.run([sys.executable, "-m", "cptfast", "train", str(config), *overrides],
-                          env=env, capture_output=True, text=True, timeout=300)
+    # A kill is injected by tests/train/fault_injection.py, which runs the same command.
+    launcher = [str(FAULT_INJECTION), kill] if kill else ["-m", "cptfast"]
+    return subprocess.run([sys.executable, *launcher, "train", str(config), *overrides],
+                          capture_output=True, text=True, timeout=300)
 
 
 def final_weights(run_dir: Path) -> dict:
