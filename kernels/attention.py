@@ -103,6 +103,29 @@ def _query_blocks(n_start, length, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.
 
 
 @triton.jit
+def _block_count(lo, full_lo, full_hi, hi, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """(left, count) of one loop over the blocks of _key_blocks / _query_blocks: the unmasked
+    ones [full_lo, full_hi), or (MASKED) the `left` ones before full_lo, then those from
+    full_hi up to hi."""
+    if MASKED:
+        left = (full_lo - lo) // BLOCK
+        count = left + (hi - full_hi + BLOCK - 1) // BLOCK
+    else:
+        left = 0
+        count = (full_hi - full_lo) // BLOCK
+    return left, count
+
+
+@triton.jit
+def _block_start(i, left, lo, full_lo, full_hi, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """The first position of the i-th block of that loop."""
+    start = full_lo + i * BLOCK
+    if MASKED:
+        start = tl.where(i < left, lo + i * BLOCK, full_hi + (i - left) * BLOCK)
+    return start
+
+
+@triton.jit
 def _visible(offs_m, offs_n, length, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     ok = (offs_n[None, :] < length) & (offs_m[:, None] < length)
     if CAUSAL:
@@ -153,16 +176,9 @@ def _forward_tiles(acc, l_i, m_i, tiles, q, k_ptr, v_ptr, start, lo, full_lo, fu
                    BLOCK_N: tl.constexpr):
     """The online softmax over the key blocks of _key_blocks: the unmasked ones, or (MASKED)
     those at the window's edge, the diagonal and the document's end."""
-    if MASKED:  # the blocks before full_lo, then those from full_hi
-        left = (full_lo - lo) // BLOCK_N
-        count = left + (hi - full_hi + BLOCK_N - 1) // BLOCK_N
-    else:
-        left = 0
-        count = (full_hi - full_lo) // BLOCK_N
+    left, count = _block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N)
     for i in range(count):
-        n_start = full_lo + i * BLOCK_N
-        if MASKED:
-            n_start = tl.where(i < left, lo + i * BLOCK_N, full_hi + (i - left) * BLOCK_N)
+        n_start = _block_start(i, left, lo, full_lo, full_hi, MASKED, BLOCK_N)
         offs_n = n_start + tl.arange(0, BLOCK_N)
         kv_mask = d_ok[None, :]
         if MASKED:
@@ -241,16 +257,9 @@ def _dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start, lo, full
                 BLOCK_M: tl.constexpr):
     """One key block's dk and dv over the query blocks of _query_blocks of one query head,
     unmasked or MASKED."""
-    if MASKED:  # the blocks before full_lo, then those from full_hi
-        left = (full_lo - lo) // BLOCK_M
-        count = left + (hi - full_hi + BLOCK_M - 1) // BLOCK_M
-    else:
-        left = 0
-        count = (full_hi - full_lo) // BLOCK_M
+    left, count = _block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_M)
     for i in range(count):
-        m_start = full_lo + i * BLOCK_M
-        if MASKED:
-            m_start = tl.where(i < left, lo + i * BLOCK_M, full_hi + (i - left) * BLOCK_M)
+        m_start = _block_start(i, left, lo, full_lo, full_hi, MASKED, BLOCK_M)
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < length
         q_mask = d_ok[None, :]
@@ -345,16 +354,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, start, lo, full_lo, full_hi, 
               scale, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query block's dq over the key blocks of _key_blocks, unmasked or MASKED."""
-    if MASKED:  # the blocks before full_lo, then those from full_hi
-        left = (full_lo - lo) // BLOCK_N
-        count = left + (hi - full_hi + BLOCK_N - 1) // BLOCK_N
-    else:
-        left = 0
-        count = (full_hi - full_lo) // BLOCK_N
+    left, count = _block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N)
     for i in range(count):
-        n_start = full_lo + i * BLOCK_N
-        if MASKED:
-            n_start = tl.where(i < left, lo + i * BLOCK_N, full_hi + (i - left) * BLOCK_N)
+        n_start = _block_start(i, left, lo, full_lo, full_hi, MASKED, BLOCK_N)
         offs_n = n_start + tl.arange(0, BLOCK_N)
         kv_mask = d_ok[None, :]
         if MASKED:
