@@ -155,18 +155,25 @@ def test_no_document_sees_another(backend, device):
         assert not torch.equal(a[70:150], b[70:150])
 
 
+def visibility(length, causal, window):
+    """[queries, keys] of one document: query i sees key j (causal: j <= i; window: i - j <=
+    window)."""
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    visible = torch.ones(length, length, dtype=torch.bool)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= i - j <= window
+    return visible
+
+
 def exact_live_tiles(layout, block_m, block_n, causal, window):
     """Tiles holding at least one visible (query, key) pair, by brute force."""
     total = 0
     for start, end in zip(layout[:-1], layout[1:]):
         length = end - start
-        i = torch.arange(length)[:, None]
-        j = torch.arange(length)[None, :]
-        visible = torch.ones(length, length, dtype=torch.bool)
-        if causal:
-            visible &= j <= i
-        if window is not None:
-            visible &= i - j <= window
+        visible = visibility(length, causal, window)
         for m in range(0, length, block_m):
             for n in range(0, length, block_n):
                 total += bool(visible[m:m + block_m, n:n + block_n].any())
@@ -195,13 +202,7 @@ def test_kernel_visits_exactly_the_live_tiles(seed, device):
 def span_met(length, begin, block, queries, causal, window):
     """How many positions on the other side a block of positions meets, by brute force: the
     keys some query of a query block sees, or the queries that see some key of a key block."""
-    i = torch.arange(length)[:, None]
-    j = torch.arange(length)[None, :]
-    visible = torch.ones(length, length, dtype=torch.bool)
-    if causal:
-        visible &= j <= i
-    if window is not None:
-        visible &= i - j <= window
+    visible = visibility(length, causal, window)
     rows = visible[begin:begin + block] if queries else visible[:, begin:begin + block].T
     return int(rows.any(dim=0).sum())
 
