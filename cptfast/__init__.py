@@ -12,7 +12,7 @@ _SUBMODULES = ("data", "errors", "hf", "ops", "reference", "training")
 _FROM_OPS = ("apply_rotary_", "cross_entropy", "fused_linear_cross_entropy",
              "varlen_attention")
 _FROM_HF = ("accelerate", "unaccelerate")
-_FROM_TRAINING = ("train",)
+_FROM_TRAINING = ("train", "Callback")
 
 
 def __getattr__(name: str):

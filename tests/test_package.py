@@ -122,3 +122,23 @@ def test_demo_runs_offline(tmp_path, capsys):
     assert main(["data-demo", "--output", str(tmp_path / "demo"), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "800 documents" in out and "verified" in out and "<|eos|>" in out
+
+
+# Inside the trainer the same rule: the loop sits on its parts, which sit on the config.
+TRAINING_LAYER = {"schedule": 0, "callbacks": 0, "distributed": 0, "checkpoint": 0, "vocab": 0,
+                  "config": 1, "recipes": 2, "evaluation": 2, "metrics": 2, "parts": 2,
+                  "stream": 3, "loop": 4, "merge": 5, "demo": 5}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "cptfast" / "training").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_trainer_modules_import_down(path):
+    if path.stem == "__init__":
+        return
+    own = TRAINING_LAYER[path.stem]  # a new module gets a place here
+    for module in cptfast_imports(path):
+        parts = module.split(".")
+        if parts[:2] == ["cptfast", "training"] and len(parts) > 2 and parts[2] in TRAINING_LAYER:
+            layer = TRAINING_LAYER[parts[2]]
+            assert layer < own, f"training/{path.name} (layer {own}) imports {module} " \
+                                f"(layer {layer})"

@@ -1,10 +1,12 @@
 """Checkpoints that survive anything, on any number of ranks.
 
 A checkpoint directory ``checkpoints/step-NNNNNNNN`` holds:
-- ``state/``: model and optimizer state written with `torch.distributed.checkpoint` (each rank
-  its own part; loadable on a different number of ranks, which reshards);
-- ``trainer_state.pt``: step, token count, data position, evaluations, config and every rank's
-  RNG state (plain values and tensors: loaded with ``weights_only=True``);
+- ``state/``: the sharded parts (model, optimizer, EMA) written with
+  `torch.distributed.checkpoint` (each rank its own part; loadable on a different number of
+  ranks, which reshards);
+- ``trainer_state.pt``: the state of every other part of the run (counters, data position,
+  evaluations, config, ...: `parts`) and every rank's RNG state (plain values and tensors:
+  loaded with ``weights_only=True``);
 - unless disabled, a consolidated Hugging Face export (safetensors, config, tokenizer files)
   that `transformers` loads as it is.
 Everything is written under ``step-NNNNNNNN.partial-PID``, fsynced, and renamed into place by
@@ -27,13 +29,14 @@ import shutil
 import socket
 import warnings
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
 from cptfast.data.formats import fsync_path
 from cptfast.errors import CheckpointError, DiskFullError, RunInUseError
 
-FORMAT = 2
+FORMAT = 3  # 3: trainer_state.pt holds named states
 STATE_FILE = "trainer_state.pt"
 MARKER = "cptfast_checkpoint.json"
 LOCK = ".cptfast-run.lock"
@@ -86,14 +89,22 @@ def exclusive(run_dir: str | Path, enabled: bool = True):
         yield
 
 
-def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict, context, *,
-         keep: int, export: bool, ema: dict | None = None) -> Path:
-    """Write checkpoint ``step`` (a collective: every rank calls it) and keep the newest
-    ``keep``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+class Stateful(Protocol):
+    """A part of the run's state. ``sharded`` parts (model, optimizer, EMA: tensors each rank
+    holds a piece of) are written by every rank with torch.distributed.checkpoint; the others
+    hold the same plain values on every rank and are written by rank 0."""
 
-    from cptfast.training.distributed import unwrap
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def save(run_dir: str | Path, step: int, states: dict[str, Stateful], context, *, keep: int,
+         export: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint ``step`` of every state in ``states`` (a collective: every rank calls
+    it) and keep the newest ``keep``. ``export(directory)``, if given, adds the Hugging Face
+    export to the checkpoint before it is committed."""
+    import torch.distributed.checkpoint as dcp
 
     root = checkpoint_root(run_dir)
     if context.main:
@@ -104,24 +115,21 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
     staging = root / f"{final.name}.partial-{owner}"
     context.barrier(what)
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    if ema is not None:
-        state["ema"] = ema
+    sharded = {name: state for name, state in states.items() if _is_sharded(state)}
     try:
         with _single_process_is_fine():
-            dcp.save(state, checkpoint_id=staging / "state")
-        if export:
-            _export(unwrap(model), staging, tokenizer, context)
-            if ema is not None:  # the averaged weights, as their own Hugging Face directory
-                _export(unwrap(model), staging / "ema", tokenizer, context, weights=ema)
+            dcp.save(sharded, checkpoint_id=staging / "state")
+        if export is not None:
+            export(staging)
         rng = context.gather(_rng_state(), what)
         context.barrier(what)
         if context.main:
-            torch.save({**meta, "rng": rng, "world_size": context.world_size,
-                        "has_ema": ema is not None}, staging / STATE_FILE)
+            plain = {name: state.state_dict() for name, state in states.items()
+                     if name not in sharded}
+            torch.save({"states": plain, "sharded": sorted(sharded), "rng": rng,
+                        "world_size": context.world_size}, staging / STATE_FILE)
             (staging / MARKER).write_text(json.dumps({"format": FORMAT, "step": step,
-                                                      "hf_export": export}) + "\n")
+                                                      "hf_export": export is not None}) + "\n")
             for path in sorted(staging.rglob("*"), reverse=True):  # files, then their folders
                 fsync_path(path)
             fsync_path(staging)
@@ -148,28 +156,31 @@ def save(run_dir: str | Path, step: int, model, optimizer, tokenizer, meta: dict
     return final
 
 
-def load(checkpoint: str | Path, meta: dict, model, optimizer, context,
-         ema: dict | None = None) -> None:
-    """Restore model, optimizer and ``ema`` (in place; resharded to this world size) and this
-    rank's RNG state from a checkpoint whose trainer state (``load_state``) is ``meta``. An
-    EMA the checkpoint lacks stays as given."""
+def load(checkpoint: str | Path, states: dict[str, Stateful], context) -> None:
+    """Restore every state in ``states`` that the checkpoint holds (sharded ones resharded to
+    this world size; one it lacks, e.g. an EMA turned on since, stays as it is) and this
+    rank's RNG state."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    if ema is not None and meta.get("has_ema"):
-        state["ema"] = ema
+    stored = load_state(checkpoint)
+    sharded = {name: state for name, state in states.items()
+               if _is_sharded(state) and name in stored["sharded"]}
     with _single_process_is_fine():
-        dcp.load(state, checkpoint_id=Path(checkpoint) / "state")
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
-    if context.rank < len(meta["rng"]):  # a new rank (more ranks than before) keeps its seed
-        _set_rng_state(meta["rng"][context.rank])
+        dcp.load(sharded, checkpoint_id=Path(checkpoint) / "state")  # calls load_state_dict
+    for name, state in states.items():
+        if name in stored["states"]:
+            state.load_state_dict(stored["states"][name])
+    if context.rank < len(stored["rng"]):  # a new rank (more ranks than before) keeps its seed
+        _set_rng_state(stored["rng"][context.rank])
+
+
+def _is_sharded(state) -> bool:
+    return getattr(state, "sharded", False)
 
 
 def load_state(checkpoint: str | Path) -> dict:
-    """The trainer state of a checkpoint (tensors and plain values only: weights_only)."""
+    """The rank-0 part of a checkpoint: {"states": {name: state dict}, "sharded": [names],
+    "rng": [per rank], "world_size": N} (tensors and plain values only: weights_only)."""
     checkpoint = Path(checkpoint)
     marker = checkpoint / MARKER
     if not marker.is_file():
@@ -190,7 +201,7 @@ def _single_process_is_fine():
         yield
 
 
-def _export(model, directory: Path, tokenizer, context, weights: dict | None = None) -> None:
+def export_hf(model, directory: Path, tokenizer, context, weights: dict | None = None) -> None:
     """A consolidated Hugging Face directory, written by rank 0 (FSDP2 shards are gathered).
     ``weights`` ({parameter name: tensor}) replace the model's parameters in it (the EMA)."""
     from torch.distributed.tensor import DTensor

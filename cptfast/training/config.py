@@ -16,12 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cptfast.data.loader import PACKINGS
+from cptfast.data.shards import FORMATS as SOURCE_FORMATS
 from cptfast.errors import ConfigError
+from cptfast.training.schedule import DECAY_SHAPES, SCHEDULES
 
+# The allowed values of each choice, defined once: here for the trainer's own, beside the code
+# that acts on them for the others.
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
-DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
-SOURCE_FORMATS = ("auto", "megatron", "llmc", "headerless", "datatrove")
+DEVICES = ("auto", "cpu", "cuda")
+PARALLELS = ("ddp", "fsdp2")
+ON_STALL = ("warn", "stop")
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -108,6 +113,11 @@ class DataConfig:
     batch_size: int = _help("rows per micro-batch on each rank", 8)
     packing: str = _help("concat (no padding) or bestfit (no document split)", "concat")
     seed: int = _help("seed of the data order (shared by all ranks)", 0)
+    num_threads: int = _help("packing threads of the loader (0: pack in the training thread)",
+                             2)
+    prefetch: int = _help("micro-batches the loader keeps ready ahead of the step", 4)
+    window: int = _help("bestfit: documents considered together when packing rows (a part of "
+                        "the data order: changing it changes the stream)", 1024)
 
 
 @dataclass
@@ -174,6 +184,12 @@ class LoggingConfig:
     every: int = _help("write a metrics line every N steps", 1)
     progress: bool = _help("a tqdm progress bar", True)
     tensorboard: bool = _help("also write TensorBoard events when installed", True)
+    wandb: dict[str, Any] = _help(
+        "Weights & Biases: { project = \"...\", name = ..., mode = \"offline\", ... } (the "
+        "keyword arguments of wandb.init; {}: off)", factory=dict)
+    mlflow: dict[str, Any] = _help(
+        "MLflow: { tracking_uri = \"file:./mlruns\", experiment = \"...\", run_name = ... } "
+        "({}: off)", factory=dict)
 
 
 @dataclass
@@ -193,10 +209,10 @@ class Config:
         _one_of("train.precision", self.train.precision, PRECISIONS)
         _one_of("schedule.kind", self.schedule.kind, SCHEDULES)
         _one_of("schedule.decay_shape", self.schedule.decay_shape, DECAY_SHAPES)
-        _one_of("data.packing", self.data.packing, ("concat", "bestfit"))
-        _one_of("train.device", self.train.device, ("auto", "cpu", "cuda"))
-        _one_of("train.parallel", self.train.parallel, ("ddp", "fsdp2"))
-        _one_of("train.on_stall", self.train.on_stall, ("warn", "stop"))
+        _one_of("data.packing", self.data.packing, PACKINGS)
+        _one_of("train.device", self.train.device, DEVICES)
+        _one_of("train.parallel", self.train.parallel, PARALLELS)
+        _one_of("train.on_stall", self.train.on_stall, ON_STALL)
         for key, interval in RANGES:
             _check_range(key, operator.attrgetter(key)(self), interval)
         if not self.model.path:
@@ -254,6 +270,9 @@ RANGES = (
     ("data.seq_len", "[2, inf)"),
     ("data.batch_size", "[1, inf)"),
     ("data.seed", "[0, inf)"),
+    ("data.num_threads", "[0, inf)"),
+    ("data.prefetch", "[1, inf)"),
+    ("data.window", "[1, inf)"),
     ("optim.lr", "(0, inf)"),
     ("optim.min_lr_ratio", "[0, 1]"),
     ("optim.weight_decay", "[0, inf)"),

@@ -1,17 +1,19 @@
 """`cptfast.train(config)`: continued pretraining of a Hugging Face causal LM on token shards.
 
-One function, top to bottom: load the base model, accelerate and wrap it, build the packed
-loader, restore the newest checkpoint of the run if there is one, then for each
-optimizer step: gather the micro-batches of the step, run forward/backward with the loss
-normalised by the step's label count, clip, step (or skip a non-finite step), log, evaluate the
-held-out sets, checkpoint. Resuming restores weights, optimizer, schedule position, data
-position and RNG states, so a resumed run continues bit for bit (on the CPU with deterministic
-settings), on any number of ranks: under torchrun each rank takes its share of one global
-data stream, gradients are reduced by DDP or FSDP2, and rank 0 writes the files.
+`Trainer` builds the run's parts (`parts`, `stream`): the model (loaded, accelerated, wrapped
+for DDP or FSDP2), the optimizer and its schedule, the data stream, the held-out sets, the
+counters; restores the newest checkpoint of the run if there is one; then `Trainer.train`
+loops: draw the step's micro-batches, `train_step` (forward/backward with the loss normalised
+by the step's label count, clip, step or skip a non-finite step), the callbacks (metrics
+writers first), evaluation and checkpoint at their intervals, and the stop check. Resuming
+restores every part and the RNG states, so a resumed run continues bit for bit (on the CPU
+with deterministic settings), on any number of ranks: under torchrun each rank takes its share
+of one global data stream, gradients are reduced by DDP or FSDP2, and rank 0 writes the files.
 
 What is saved is good: the base model and every checkpoint are checked finite; a step without
 a counted label or with a non-finite loss changes nothing. SIGTERM (preemption) or SIGINT stops
-every rank after the same step, with a checkpoint; a second signal stops at once.
+every rank after the same step, with a checkpoint; a second signal stops at once. A callback
+can stop the run cleanly (`callbacks`).
 """
 
 from __future__ import annotations
@@ -24,22 +26,23 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cptfast import hf
-from cptfast.data.loader import PackedLoader
-from cptfast.errors import (ConfigError, DiskFullError, NonFiniteLossError,
-                            NonFiniteWeightsError, StalledError, TrainingStopped)
+from cptfast.errors import (DiskFullError, NonFiniteLossError, NonFiniteWeightsError,
+                            StalledError, TrainingStopped)
 from cptfast.training import checkpoint, recipes
-from cptfast.training.config import Config, to_dict
+from cptfast.training.callbacks import Callback
+from cptfast.training.config import Config
 from cptfast.training.distributed import Context, unwrap, wrap
 from cptfast.training.evaluation import autocast, eval_loss, held_out_batches
-from cptfast.training.metrics import (MetricsLog, model_flops_per_token, peak_flops,
-                                      peak_memory)
-from cptfast.training.schedule import lr_at
+from cptfast.training.metrics import model_flops_per_token, peak_flops, peak_memory, writers
+from cptfast.training.parts import (EMA, Counters, EvalHistory, LearningRate, ModelState,
+                                    NewRowsWarmup, OptimizerState, RunRecord, StallWatch)
+from cptfast.training.stream import DataStream
 
 
 @dataclass
@@ -54,9 +57,36 @@ class TrainResult:
     model: object = None  # the trained model (accelerated), still in memory
 
 
-def train(config: Config) -> TrainResult:
+@dataclass
+class StepResult:
+    """What one optimizer step did (``step``: steps done after it). ``loss`` and
+    ``grad_norm`` are None when no label of the step counted."""
+
+    step: int
+    loss: float | None
+    lr: float
+    grad_norm: float | None
+    tokens: int  # consumed by the run so far
+    tokens_per_s: float
+    mfu: float | None
+    data_wait_frac: float
+    skipped_steps: int
+    memory_bytes: int
+    applied: bool  # False: skipped (nothing counted, or non-finite); the weights did not move
+    finite: bool
+
+    def metrics(self) -> dict:
+        """The values a metrics line records."""
+        values = asdict(self)
+        for key in ("step", "applied", "finite"):
+            del values[key]
+        return values
+
+
+def train(config: Config, callbacks: list[Callback] = ()) -> TrainResult:
     """Run (or resume) the training described by ``config``; returns a summary. Under
-    torchrun every rank calls it; rank 0 writes the files. SIGTERM or SIGINT ends it with
+    torchrun every rank calls it; rank 0 writes the files. ``callbacks``: `Callback`s whose
+    hooks run after each step, evaluation and checkpoint. SIGTERM or SIGINT ends it with
     `TrainingStopped` after a checkpoint."""
     from transformers.utils import logging as transformers_logging
 
@@ -69,7 +99,9 @@ def train(config: Config) -> TrainResult:
             stop = cleanup.enter_context(_StopSignals())
             cleanup.enter_context(context.guard("a collective in torch (model set-up, "
                                                 "evaluation or checkpointing)"))
-            return _train(config, context, device, stop, cleanup)
+            trainer = Trainer(config, context, device, stop, callbacks)
+            cleanup.callback(trainer.close)
+            return trainer.train()
     except OSError as error:  # a full disk outside metrics and checkpoints (e.g. the plan)
         full = DiskFullError.caused(error, f"{error.filename or config.train.output}: no "
                                            "space left on device")
@@ -78,6 +110,255 @@ def train(config: Config) -> TrainResult:
         raise full from error
     finally:
         context.stop()
+
+
+class Trainer:
+    """One run: its parts, `train_step` and the loop `train`. Built by `train`."""
+
+    def __init__(self, config: Config, context: Context, device: torch.device,
+                 stop: _StopSignals, callbacks: list[Callback] = ()):
+        self.config, self.context, self.device, self.stop = config, context, device, stop
+        self.run_dir = Path(config.train.output)
+        self.should_stop = False  # set by a callback: stop cleanly after this step
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(config.train.seed)
+
+        self.model, self.tokenizer = self._build_model()
+        self.optimizer = torch.optim.AdamW(
+            _parameter_groups(self.model, config.optim.weight_decay), lr=config.optim.lr,
+            betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
+            fused=device.type == "cuda" and not config.train.cpu_offload)
+        rows = _embedding_rows(self.model)
+        self.counters, self.schedule = Counters(), LearningRate(self.optimizer, config)
+        self.stream = DataStream(config, context, device, rows)  # this rank's share
+        self.evals, self.stall = EvalHistory(), StallWatch(config.train.stall_steps)
+        self.ema = EMA(self.model, config.train.ema_decay) if config.train.ema_decay else None
+        self.new_rows = (NewRowsWarmup(self.model, config, context)
+                         if config.model.new_rows_warmup_steps else None)
+        self.states = {"model": ModelState(self.model),
+                       "optimizer": OptimizerState(self.model, self.optimizer),
+                       **({"ema": self.ema} if self.ema is not None else {}),
+                       "counters": self.counters, "schedule": self.schedule, "data": self.stream,
+                       "evals": self.evals, "stall": self.stall, "config": RunRecord(config)}
+        loss_weights = [s.loss_weight for s in config.data.sources.values()]
+        self.loss_weights = torch.tensor(loss_weights, device=device)
+        self.weighted = any(w != 1 for w in loss_weights)
+        self.eval_sets = {name: held_out_batches(source.spec(), config.data.seq_len,
+                                                 config.data.batch_size, config.eval.batches,
+                                                 device, embedding_rows=rows, name=name)
+                          for name, source in config.data.eval.items()}
+        self.peak = peak_flops(device)
+
+        resume_from = _resume_point(config, self.run_dir)
+        if resume_from is not None:
+            checkpoint.load(resume_from, self.states, context)
+        self.saved_step = self.counters.step if resume_from is not None else None
+        if context.main:  # the replay plan: tokens and epochs of each source over the whole run
+            plan = recipes.mixture_plan(config, self.stream.source_tokens(),
+                                        self.stream.tokens_per_step())
+            (self.run_dir / "mixture_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        self.callbacks = list(callbacks)
+        if context.main:  # the metrics writers come first: a user's hook sees the step logged
+            self.callbacks[:0] = writers(config, self.run_dir, self.counters.step if resume_from
+                                         is not None else -1, self.counters.step)
+
+    def _build_model(self):
+        config, context = self.config, self.context
+        sharded = context.distributed and config.train.parallel == "fsdp2"  # rank 0 loads
+        model, tokenizer = _load_model(Path(config.model.path), config,
+                                       torch.device("cpu") if sharded else self.device,
+                                       on_meta=sharded and not context.main)
+        if tokenizer is None:  # checkpoints carry a tokenizer: the one the shards were made with
+            tokenizer = _shard_tokenizer(config)
+        self.flops_per_token = model_flops_per_token(model, config.data.seq_len)
+        model = wrap(model, config.train.parallel, config.train.precision, context, self.device,
+                     cpu_offload=config.train.cpu_offload)
+        bad = _non_finite_parameter(model, context)
+        if bad is not None:
+            raise NonFiniteWeightsError(
+                f"{config.model.path}: the base model's parameter {bad} holds NaN or Inf "
+                "values; training cannot start from it. Load a model whose weights are finite "
+                "(a checkpoint saved before a run diverged?)")
+        return model, tokenizer
+
+    def train(self) -> TrainResult:
+        """Train to ``train.steps`` (from where a resumed run left off)."""
+        config, counters = self.config, self.counters
+        self._call("on_train_start")
+        if counters.step == 0:
+            self.evaluate()  # "before": the forgetting monitor's baseline
+        started, tokens_at_start = time.perf_counter(), counters.tokens
+        while counters.step < config.train.steps:
+            waiting = time.perf_counter()
+            batches = self.stream.batches(counters.step)
+            result = self.train_step(batches, data_wait=time.perf_counter() - waiting)
+            self._call("on_step_end", result)
+            self._check_health(result)
+            step = result.step
+            # The last step's evaluation comes before its checkpoint, which then holds it.
+            if (config.eval.every and step % config.eval.every == 0) or step == config.train.steps:
+                self.evaluate()
+            if config.checkpoint.every and step % config.checkpoint.every == 0:
+                self.save(export=config.checkpoint.export or step == config.train.steps)
+            if self._stop_check(step):
+                break
+        elapsed = time.perf_counter() - started  # the loop alone: training throughput
+        if self.evals.last_step() != counters.step:
+            self.evaluate()
+        final = checkpoint.checkpoint_root(self.run_dir) / f"step-{counters.step:08d}"
+        if self.saved_step != counters.step:
+            final = self.save(export=True)
+        result = TrainResult(self.run_dir, final, counters.step, counters.tokens,
+                             counters.skipped, self.evals.evals,
+                             (counters.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
+                             unwrap(self.model))
+        self._call("on_train_end", result)
+        return result
+
+    def train_step(self, batches: list, data_wait: float = 0.0) -> StepResult:
+        """One optimizer step on this rank's micro-batches (``data_wait``: seconds spent
+        drawing them, for the throughput figures): forward/backward of each, the loss the sum
+        over every label of the step on every rank divided by their count; clip; then the
+        optimizer step, or a skip when no label counts or the loss or gradient is non-finite
+        (the weights and AdamW's moments stay the last good ones)."""
+        config, context, counters, device = self.config, self.context, self.counters, self.device
+        start = time.perf_counter()
+        lr = self.schedule.apply(counters.step)
+        # Host sync: the step's label count over all ranks divides the loss before backward.
+        label_count = context.sum(sum(int((b.labels != -100).sum()) for b in batches), device,
+                                  f"step {counters.step + 1}'s label count")
+        self.model.train()
+        loss = torch.zeros((), device=device)
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            with _gradient_sync(self.model, config.train.parallel, context, last), \
+                    context.guard(f"step {counters.step + 1}'s gradient reduction"), \
+                    autocast(config.train.precision, device):
+                extra = ({"token_loss_weights": self.loss_weights[batch.sources.long()][:, None]
+                          .expand_as(batch.labels)} if self.weighted else {})
+                out = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                 labels=batch.labels, shift_labels=batch.labels,
+                                 num_items_in_batch=max(label_count, 1), **extra,
+                                 cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+                                 max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+                # Data-parallel reduction averages over ranks; the loss is already global.
+                (out.loss * context.world_size).backward()
+            loss += out.loss.detach().float()
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # Host sync: whether the step is applied depends on the loss and the norm being finite.
+        loss_value = context.sum(float(loss), device, f"step {counters.step + 1}'s loss")
+        grad_norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                else grad_norm)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        counted = label_count > 0  # else every label of the step is -100: nothing to learn
+        if finite and counted:
+            if self.new_rows is not None and self.new_rows.applies(counters.step):
+                self.new_rows.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
+            counters.nonfinite_in_a_row = 0
+        else:
+            counters.skipped += 1
+            counters.nonfinite_in_a_row += not finite
+        if not counted:
+            loss_value = grad_norm_value = None  # not measured (0.0 would look like one)
+        self.optimizer.zero_grad(set_to_none=True)
+        step_tokens = self.stream.tokens_per_step()
+        counters.step += 1
+        counters.tokens += step_tokens
+        seconds = data_wait + time.perf_counter() - start
+        tokens_per_s = step_tokens / seconds
+        return StepResult(
+            step=counters.step, loss=loss_value, lr=lr, grad_norm=grad_norm_value,
+            tokens=counters.tokens, tokens_per_s=tokens_per_s,
+            mfu=self.flops_per_token * tokens_per_s / (self.peak * context.world_size)
+            if self.peak else None,
+            data_wait_frac=data_wait / seconds, skipped_steps=counters.skipped,
+            memory_bytes=peak_memory(device), applied=finite and counted, finite=finite)
+
+    def _check_health(self, result: StepResult) -> None:
+        """Stop on too many non-finite steps in a row (saving the last good weights) and warn
+        about, or stop on, a run whose loss and gradient no longer change."""
+        config, step = self.config, result.step
+        if self.counters.nonfinite_in_a_row >= config.train.max_nonfinite_steps:
+            path = self.save(export=True)
+            raise NonFiniteLossError(
+                f"{self.counters.nonfinite_in_a_row} non-finite losses in a row (last at step "
+                f"{step}); the last good weights are saved in {path}. Lower optim.lr, check "
+                "the data, or use train.precision = \"fp32\" to find the cause")
+        if self.stall.update(result.loss if result.finite else None, result.grad_norm):
+            message = (f"loss and grad_norm have not changed for {self.stall.steps} steps (loss "
+                       f"{result.loss:.6g}, grad_norm {result.grad_norm:.6g} at step {step}): "
+                       "the model is not learning; check optim.lr, the data's labels and the "
+                       "model")
+            if config.train.on_stall == "stop":
+                raise StalledError(f"{message}. Checkpoint {self.save()} (train.on_stall = "
+                                   "\"warn\" only warns)")
+            if self.context.main:
+                print(f"cptfast train: warning: {message} (train.on_stall = \"stop\" stops "
+                      "the run, train.stall_steps = 0 turns this off)", file=sys.stderr)
+
+    def _stop_check(self, step: int) -> bool:
+        """A signal on any rank: every rank raises `TrainingStopped` after this same step,
+        with a checkpoint. A callback's ``should_stop`` on any rank: True on every rank."""
+        # Host sync (one all-reduce): the signal number times 2, plus 1 for a stop request.
+        code = int(self.context.max((self.stop.signum or 0) * 2 + self.should_stop,
+                                    self.device, f"step {step}'s stop check"))
+        signum = code // 2
+        if signum and step < self.config.train.steps:
+            path = self.save() if self.saved_step != step else checkpoint.latest(self.run_dir)
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at step {step}; "
+                                  f"checkpoint {path}; rerun the same command to resume", signum)
+        return bool(code % 2)
+
+    def evaluate(self) -> None:
+        """The held-out losses at this step (every rank runs the same batches: FSDP2 needs all
+        of them anyway)."""
+        if self.eval_sets:
+            losses = {name: eval_loss(self.model, batches, self.config.train.precision)
+                      for name, batches in self.eval_sets.items()}
+            self.evals.add(self.counters.step, losses)
+            self._call("on_eval", self.counters.step, losses)
+
+    def save(self, export: bool | None = None) -> Path:
+        """Checkpoint this step (a collective); ``export``: with the Hugging Face export
+        (default: checkpoint.export). Non-finite weights are never saved."""
+        step = self.counters.step
+        bad = _non_finite_parameter(self.model, self.context)
+        if bad is not None:  # never saved, so never resumed from nor called good
+            raise NonFiniteLossError(
+                f"the weights became non-finite by step {step} ({bad} holds NaN or Inf), "
+                f"so no checkpoint was saved; the newest good one is "
+                f"{checkpoint.latest(self.run_dir) or 'none'}. Lower optim.lr or check the data")
+        export = self.config.checkpoint.export if export is None else export
+        path = checkpoint.save(self.run_dir, step, self.states, self.context,
+                               keep=self.config.checkpoint.keep,
+                               export=self._export if export else None)
+        self.saved_step = step
+        self._call("on_checkpoint", step, path)
+        return path
+
+    def _export(self, directory: Path) -> None:
+        model = unwrap(self.model)
+        checkpoint.export_hf(model, directory, self.tokenizer, self.context)
+        if self.ema is not None:  # the averaged weights, as their own Hugging Face directory
+            checkpoint.export_hf(model, directory / "ema", self.tokenizer, self.context,
+                                 weights=self.ema.weights)
+
+    def _call(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def close(self) -> None:
+        """Close the metrics writers (also after an error)."""
+        for callback in self.callbacks:
+            close = getattr(callback, "close", None)
+            if close is not None:
+                close()
 
 
 class _StopSignals:
@@ -107,257 +388,6 @@ class _StopSignals:
             signal.signal(s, handler)
 
 
-def _train(config: Config, context: Context, device: torch.device, stop: _StopSignals,
-           cleanup: contextlib.ExitStack) -> TrainResult:
-    run_dir = Path(config.train.output)
-    if config.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    resume_from = _resume_point(config, run_dir)
-    state = checkpoint.load_state(resume_from) if resume_from else None
-    resume_step = state["step"] if state else 0
-    torch.manual_seed(config.train.seed)
-
-    # --- model, tokenizer, optimizer -----------------------------------------------------------
-    parallel = config.train.parallel
-    sharded = context.distributed and parallel == "fsdp2"  # rank 0's weights placed by wrap()
-    model, tokenizer = _load_model(Path(config.model.path), config,
-                                   torch.device("cpu") if sharded else device,
-                                   on_meta=sharded and not context.main)
-    if tokenizer is None:  # checkpoints carry a tokenizer: the one the shards were made with
-        tokenizer = _shard_tokenizer(config)
-    flops_per_token = model_flops_per_token(model, config.data.seq_len)
-    model = wrap(model, parallel, config.train.precision, context, device,
-                 cpu_offload=config.train.cpu_offload)
-    bad = _non_finite_parameter(model, context)
-    if bad is not None:
-        raise NonFiniteWeightsError(
-            f"{config.model.path}: the base model's parameter {bad} holds NaN or Inf values; "
-            "training cannot start from it. Load a model whose weights are finite (a "
-            "checkpoint saved before a run diverged?)")
-    new_rows = _new_rows(unwrap(model), config, context)
-    optimizer = torch.optim.AdamW(
-        _parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-        betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
-        fused=device.type == "cuda" and not config.train.cpu_offload)
-
-    # --- data: this rank's share of one global stream ------------------------------------------
-    def stage_loader(at_step: int):
-        """The loader of the sequence-length stage of ``at_step`` (each stage one stream,
-        seeded by its index), its tokens per micro-batch and micro-batches per step."""
-        index, seq_len, batch_size = recipes.stage_at(config, at_step)
-        loader = PackedLoader({name: s.spec() for name, s in config.data.sources.items()},
-                              seq_len, batch_size, weights=recipes.weights_at(config, at_step),
-                              packing=config.data.packing, seed=config.data.seed + index,
-                              rank=context.rank, world_size=context.world_size, device=device,
-                              vocab_size=_embedding_rows(model))
-        return (loader, seq_len * batch_size,
-                _accumulation(config.optim.global_batch_tokens, seq_len, batch_size,
-                              context.world_size))
-
-    loss_weights = torch.tensor([s.loss_weight for s in config.data.sources.values()],
-                                device=device)
-    weighted = bool((loss_weights != 1).any())
-
-    # A checkpoint holds the position after its last step, in that step's stage.
-    loader, tokens_per_micro_batch, accumulation = stage_loader(max(resume_step - 1, 0))
-    if context.main:  # the replay plan: tokens and epochs of each source over the whole run
-        plan = recipes.mixture_plan(config, loader.source_tokens(),
-                                    tokens_per_micro_batch * accumulation * context.world_size)
-        (run_dir / "mixture_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-    eval_sets = {name: held_out_batches(source.spec(), config.data.seq_len,
-                                        config.data.batch_size, config.eval.batches, device,
-                                        embedding_rows=_embedding_rows(model), name=name)
-                 for name, source in config.data.eval.items()}
-
-    # --- resume --------------------------------------------------------------------------------
-    step, tokens_seen, skipped, nonfinite_in_a_row = 0, 0, 0, 0
-    evals: list[dict] = []
-    ema = _ema_start(model, config)
-    if resume_from is not None:
-        checkpoint.load(resume_from, state, model, optimizer, context, ema=ema)
-        loader.load_state_dict(state["loader"])
-        step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
-        evals = state["evals"]
-    log = cleanup.enter_context(MetricsLog(
-        run_dir, keep_through=step if resume_from is not None else -1, enabled=context.main,
-        progress=config.logging.progress, tensorboard=config.logging.tensorboard,
-        total_steps=config.train.steps))
-    peak = peak_flops(device)
-    stall = _StallWatch(config.train.stall_steps)
-
-    def save(at_step: int, export: bool = config.checkpoint.export) -> Path:
-        bad = _non_finite_parameter(model, context)
-        if bad is not None:  # never saved, so never resumed from nor called good
-            raise NonFiniteLossError(
-                f"the weights became non-finite by step {at_step} ({bad} holds NaN or Inf), "
-                f"so no checkpoint was saved; the newest good one is "
-                f"{checkpoint.latest(run_dir) or 'none'}. Lower optim.lr or check the data")
-        meta = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
-                "loader": loader.state_dict(), "evals": evals, "config": to_dict(config)}
-        return checkpoint.save(run_dir, at_step, model, optimizer, tokenizer, meta, context,
-                               keep=config.checkpoint.keep, export=export, ema=ema)
-
-    def evaluate(at_step: int) -> None:
-        if eval_sets:  # every rank runs the same batches (FSDP2 needs all of them anyway)
-            losses = {name: eval_loss(model, batches, config.train.precision)
-                      for name, batches in eval_sets.items()}
-            evals.append({"step": at_step, **losses})
-            log.eval(at_step, losses)
-
-    if step == 0:
-        evaluate(0)  # "before": the forgetting monitor's baseline
-    saved_step = step if resume_from is not None else None
-    started, tokens_at_start = time.perf_counter(), tokens_seen
-
-    # --- the loop ------------------------------------------------------------------------------
-    while step < config.train.steps:
-        step_start = time.perf_counter()
-        phase = recipes.phase_starting_at(config, step)
-        if recipes.stage_starts_at(config, step):  # new rows of T tokens (with this phase)
-            loader, tokens_per_micro_batch, accumulation = stage_loader(step)
-        elif phase is not None:  # a new mixture from this global row on
-            loader.set_weights(phase)
-        batches = [next(loader) for _ in range(accumulation)]
-        data_wait = time.perf_counter() - step_start
-        # The loss is the sum over every label of the step on every rank, divided by their
-        # count; data-parallel gradient reduction averages over ranks: hence the world size.
-        label_count = context.sum(sum(int((b.labels != -100).sum()) for b in batches), device,
-                                  f"step {step + 1}'s label count")
-        lr = lr_at(step, lr=config.optim.lr, steps=config.train.steps,
-                   kind=config.schedule.kind, warmup_steps=config.schedule.warmup_steps,
-                   min_lr_ratio=config.optim.min_lr_ratio,
-                   decay_fraction=config.schedule.decay_fraction,
-                   decay_shape=config.schedule.decay_shape)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        model.train()
-        loss = torch.zeros((), device=device)
-        for index, batch in enumerate(batches):
-            last = index == len(batches) - 1
-            with _gradient_sync(model, parallel, context, last), \
-                    context.guard(f"step {step + 1}'s gradient reduction"), \
-                    autocast(config.train.precision, device):
-                extra = ({"token_loss_weights": loss_weights[batch.sources.long()][:, None]
-                          .expand_as(batch.labels)} if weighted else {})
-                out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                            labels=batch.labels, shift_labels=batch.labels,
-                            num_items_in_batch=max(label_count, 1), **extra,
-                            cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-                            max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
-                (out.loss * context.world_size).backward()
-            loss += out.loss.detach().float()
-        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        loss_value = context.sum(float(loss), device, f"step {step + 1}'s loss")
-        grad_norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                else grad_norm)
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
-        counted = label_count > 0  # else every label of the step is -100: nothing to learn
-        if finite and counted:
-            if new_rows is not None and step < config.model.new_rows_warmup_steps:
-                _step_new_rows_only(model, optimizer, *new_rows)
-            else:
-                optimizer.step()
-            if ema is not None:
-                _ema_update(ema, model, config.train.ema_decay)
-            nonfinite_in_a_row = 0
-        else:  # skip: the weights and AdamW's moments stay the last good ones
-            skipped += 1
-            nonfinite_in_a_row += not finite
-        if not counted:
-            loss_value = grad_norm_value = None  # not measured (0.0 would look like one)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_tokens = tokens_per_micro_batch * accumulation * context.world_size
-        tokens_seen += step_tokens
-
-        seconds = time.perf_counter() - step_start
-        tokens_per_s = step_tokens / seconds
-        log.step(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
-                        "tokens": tokens_seen, "tokens_per_s": tokens_per_s,
-                        "mfu": flops_per_token * tokens_per_s / (peak * context.world_size)
-                        if peak else None,
-                        "data_wait_frac": data_wait / seconds, "skipped_steps": skipped,
-                        "memory_bytes": peak_memory(device)},
-                 write=step % config.logging.every == 0 or not (finite and counted))
-        if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
-            path = save(step, export=True)
-            raise NonFiniteLossError(
-                f"{nonfinite_in_a_row} non-finite losses in a row (last at step {step}); the "
-                f"last good weights are saved in {path}. Lower optim.lr, check the data, or "
-                "use train.precision = \"fp32\" to find the cause")
-        if stall.update(loss_value if finite else None, grad_norm_value):
-            message = (f"loss and grad_norm have not changed for {stall.steps} steps (loss "
-                       f"{loss_value:.6g}, grad_norm {grad_norm_value:.6g} at step {step}): the "
-                       "model is not learning; check optim.lr, the data's labels and the model")
-            if config.train.on_stall == "stop":
-                raise StalledError(f"{message}. Checkpoint {save(step)} (train.on_stall = "
-                                   "\"warn\" only warns)")
-            if context.main:
-                print(f"cptfast train: warning: {message} (train.on_stall = \"stop\" stops the "
-                      "run, train.stall_steps = 0 turns this off)", file=sys.stderr)
-        # The last step's evaluation comes before its checkpoint, which then holds it.
-        if (config.eval.every and step % config.eval.every == 0) or step == config.train.steps:
-            evaluate(step)
-        if config.checkpoint.every and step % config.checkpoint.every == 0:
-            save(step, export=config.checkpoint.export or step == config.train.steps)
-            saved_step = step
-        # A signal on any rank: every rank stops after this same step.
-        signum = int(context.max(stop.signum or 0, device, f"step {step}'s stop check"))
-        if signum and step < config.train.steps:
-            path = save(step) if saved_step != step else checkpoint.latest(run_dir)
-            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at step {step}; "
-                                  f"checkpoint {path}; rerun the same command to resume", signum)
-
-    # --- the end -------------------------------------------------------------------------------
-    elapsed = time.perf_counter() - started  # the loop alone: training throughput
-    if not evals or evals[-1]["step"] != step:
-        evaluate(step)
-    final = checkpoint.checkpoint_root(run_dir) / f"step-{step:08d}"
-    if saved_step != step:
-        final = save(step, export=True)
-    return TrainResult(run_dir, final, step, tokens_seen, skipped, evals,
-                       (tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
-                       unwrap(model))
-
-
-def _new_rows(model, config: Config, context: Context):
-    """(old vocabulary size, embedding tables) when the run starts by training only the rows
-    `cptfast expand-vocab` added; else None."""
-    if config.model.new_rows_warmup_steps == 0:
-        return None
-    old_size = getattr(model.config, "cptfast_vocab_expanded_from", None)
-    if old_size is None:
-        raise ConfigError("model.new_rows_warmup_steps needs a model written by `cptfast "
-                          "expand-vocab` (its config records the old vocabulary size)")
-    if context.distributed and config.train.parallel == "fsdp2":
-        raise ConfigError("model.new_rows_warmup_steps works with ddp, not fsdp2")
-    tables = [model.get_input_embeddings().weight]
-    if model.get_output_embeddings().weight is not tables[0]:
-        tables.append(model.get_output_embeddings().weight)
-    return old_size, tables
-
-
-def _step_new_rows_only(model, optimizer, old_size: int, tables: list) -> None:
-    """An optimizer step that moves only the new embedding rows: other parameters get no
-    gradient (AdamW skips them), old rows get a zero one and are restored after the step
-    (undoing weight decay)."""
-    table_ids = {id(t) for t in tables}
-    for parameter in model.parameters():
-        if id(parameter) not in table_ids:
-            parameter.grad = None
-    saved = []
-    for table in tables:
-        if table.grad is not None:
-            table.grad[:old_size] = 0
-        saved.append(table.detach()[:old_size].clone())
-    optimizer.step()
-    with torch.no_grad():
-        for table, rows in zip(tables, saved):
-            table[:old_size] = rows
-
-
 def _non_finite_parameter(model, context: Context) -> str | None:
     """The name of the first parameter holding NaN or Inf (FSDP2: in any rank's shard), the
     same on every rank; None when all are finite."""
@@ -371,53 +401,6 @@ def _non_finite_parameter(model, context: Context) -> str | None:
             break
     return next((name for name in context.gather(found, "the finite-weights check") if name),
                 None)
-
-
-class _StallWatch:
-    """Whether the loss and grad_norm have stopped changing (a model that cannot learn: zero
-    gradients, weights that do not matter): `update` is True once ``steps`` steps in a row
-    repeated the previous step's values (0: never). Skipped steps (None) do not count."""
-
-    def __init__(self, steps: int):
-        self.steps, self.repeats, self.last = steps, 0, None
-
-    def update(self, loss: float | None, grad_norm: float | None) -> bool:
-        if loss is None:
-            return False
-        same = self.last is not None and all(
-            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
-            for a, b in zip((loss, grad_norm), self.last))
-        self.repeats = self.repeats + 1 if same else 0
-        self.last = (loss, grad_norm)
-        return self.steps > 0 and self.repeats == self.steps
-
-
-def _ema_start(model, config: Config) -> dict | None:
-    """{parameter name: fp32 copy} when train.ema_decay is set (else None)."""
-    if not config.train.ema_decay:
-        return None
-    return {name: p.detach().float().clone()
-            for name, p in unwrap(model).named_parameters()}
-
-
-@torch.no_grad()
-def _ema_update(ema: dict, model, decay: float) -> None:
-    for name, p in unwrap(model).named_parameters():
-        ema[name].lerp_(p.detach().float(), 1.0 - decay)
-
-
-def _accumulation(global_batch_tokens: int, seq_len: int, batch_size: int,
-                  world_size: int) -> int:
-    """Micro-batches per rank per step, so that a step is global_batch_tokens on any number
-    of ranks (and in any sequence-length stage)."""
-    per_step = seq_len * batch_size * world_size
-    if global_batch_tokens == 0:
-        return 1
-    if global_batch_tokens % per_step:
-        raise ConfigError(
-            f"optim.global_batch_tokens = {global_batch_tokens} is not a multiple of seq_len x "
-            f"batch_size x ranks = {seq_len} x {batch_size} x {world_size} = {per_step}")
-    return global_batch_tokens // per_step
 
 
 def _gradient_sync(model, parallel: str, context: Context, last_micro_batch: bool):

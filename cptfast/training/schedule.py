@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
 
 def lr_at(step: int, *, lr: float, steps: int, kind: str = "cosine", warmup_steps: int = 0,
           min_lr_ratio: float = 0.0, decay_fraction: float = 0.2,

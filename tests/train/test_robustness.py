@@ -85,15 +85,14 @@ def test_torn_metrics_line_then_resume_and_rerun_keep_history_once(setup, uninte
 
 
 def test_history_is_cut_by_writing_a_new_file_never_in_place(tmp_path, capsys):
-    from cptfast.training.metrics import MetricsLog
+    from cptfast.training.metrics import MetricsFile
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)]
     lines[5] = '{"step": 6, "lo\n'  # a line an older cptfast tore and then appended after
     path.write_text("".join(lines))
     with path.open() as old:  # a reader of the old file (or a kill mid-way) keeps all of it
-        MetricsLog(tmp_path, keep_through=4, enabled=True, progress=False, tensorboard=False,
-                   total_steps=8).close()
+        MetricsFile(tmp_path, keep_through=4).close()
         assert old.read() == "".join(lines)
     assert path.read_text() == "".join(lines[:4])
     assert capsys.readouterr().err.count("dropped 1 torn line") == 1
@@ -386,7 +385,9 @@ def test_weights_that_became_non_finite_are_never_saved_as_good(setup, tmp_path,
 
 
 def test_a_step_without_labels_changes_nothing_and_logs_no_loss(setup, tmp_path, monkeypatch):
-    class NoLabelsInStep2(training_loop.PackedLoader):  # micro-batches 3 and 4: step 2's
+    from cptfast.training import stream
+
+    class NoLabelsInStep2(stream.PackedLoader):  # micro-batches 3 and 4: step 2's
         calls = 0
 
         def __next__(self):
@@ -395,7 +396,7 @@ def test_a_step_without_labels_changes_nothing_and_logs_no_loss(setup, tmp_path,
             if NoLabelsInStep2.calls in (3, 4):
                 batch.labels.fill_(-100)
             return batch
-    monkeypatch.setattr(training_loop, "PackedLoader", NoLabelsInStep2)
+    monkeypatch.setattr(stream, "PackedLoader", NoLabelsInStep2)
     run_dir = tmp_path / "unlabelled"
     result = train(load(_write(setup, run_dir), ["--train.steps=3", "--checkpoint.every=1",
                                                  "--checkpoint.keep=3", "--eval.every=0"]))
