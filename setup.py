@@ -70,17 +70,17 @@ def _extension_and_cmdclass():
     else:
         ext = cpp_extension.CppExtension(
             sources=cpp_sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    build_ext = cpp_extension.BuildExtension.with_options(
+        use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_ext}
 
 
 ext_modules, cmdclass = _extension_and_cmdclass()
 
 setup(
-    packages=["cptfast", "cptfast.data", "cptfast.demo", "cptfast.kernels", "cptfast.training"],
+    packages=["cptfast", "cptfast.data", "cptfast.kernels", "cptfast.training"],
     # Triton kernels live in the top-level kernels/ folder but install as cptfast.kernels.
     package_dir={"cptfast": "cptfast", "cptfast.kernels": "kernels"},
-    package_data={"cptfast.demo": ["*.txt", "*.jsonl"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

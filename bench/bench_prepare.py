@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 from conftest import SCALE, record_ratio
+from synthetic_text import domain_document, general_document  # tests/, via conftest
 
 from cptfast.data import open_shard, prepare
 from cptfast.data.formats import MegatronShardWriter
 from cptfast.data.prep import default_workers
-from cptfast.demo import domain_document, general_document
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,15 @@ subprocesses are the median of CPTFAST_BENCH_REPEATS runs (default 3). The GPU r
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The tests' synthetic documents (tests/synthetic_text.py, not shipped) feed the benchmarks too;
+# appended, so bench/'s own modules (this conftest) still come first.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
 SCALE = float(os.environ.get("CPTFAST_BENCH_SCALE", "1.0"))
 REPEATS = int(os.environ.get("CPTFAST_BENCH_REPEATS", "3"))
@@ -147,8 +153,11 @@ def _release_gpu_memory():
 
 @pytest.fixture(scope="session")
 def bench_tokenizer(tmp_path_factory):
-    from cptfast.demo import build_tokenizer, domain_document, general_document
     import random
+
+    from synthetic_text import domain_document, general_document
+
+    from cptfast.training.demo import build_tokenizer
 
     rng = random.Random(0)
     texts = [domain_document(rng) for _ in range(300)] + [general_document(rng) for _ in range(300)]

@@ -1,5 +1,5 @@
-"""The `cptfast` command: `train`, `prepare`, `verify`, `expand-vocab`, `merge`, `bench`,
-`doctor`, `demo` and `data-demo`."""
+"""The `cptfast` command: `train` (with no arguments: the demo), `prepare`, `verify`,
+`expand-vocab`, `merge`, `bench`, `doctor` and `data-demo`."""
 
 from __future__ import annotations
 
@@ -63,30 +63,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> int:
-    import json
+    from cptfast.training.demo import run_data_demo
 
-    from cptfast.data import prepare, verify
-    from cptfast.demo import build_tokenizer, write_sample_corpus
-
-    root = Path(args.output)
-    print(f"cptfast data-demo: everything is built offline under {root.absolute()}")
-    inputs = write_sample_corpus(root / "corpus")
-    texts = [json.loads(line)["text"] for line in inputs[0].read_text().splitlines()]
-    texts += inputs[1].read_text().splitlines()
-    tokenizer = build_tokenizer(root / "tokenizer", texts)
-    print(f"1. corpus: {', '.join(p.name for p in inputs)}; tokenizer: byte-level BPE, "
-          f"vocab 512, trained on it")
-    summary = prepare(inputs, root / "shards", tokenizer, split_lines=True, overwrite=True,
-                      workers=args.workers, progress=False)
-    print("2. " + summary.format().replace("\n", "\n   "))
-    opened = verify(root / "shards")
-    print(f"3. verified {opened.path}: structure, token ids, counts and sha256 all match")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(root / "shards" / "tokenizer"))
-    first = opened.document(0)
-    print(f"4. document 0 read back zero-copy ({len(first)} {first.dtype} tokens): "
-          f"{tok.decode(first.tolist())!r}")
+    run_data_demo(args.output, workers=args.workers)
     return 0
 
 
@@ -301,13 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --perf: only the configurations whose name starts with PREFIX")
     p.set_defaults(run=_cmd_doctor)
 
-    p = sub.add_parser("demo", help="the built-in offline demo (same as `cptfast train`)")
-    p.add_argument("--demo-output", default="cptfast-demo",
-                   help="working directory (%(default)s)")
-    p.add_argument("--quick-demo", action="store_true", help="a seconds-long demo (tests)")
-    p.set_defaults(run=_cmd_train, config=None, overrides=[], print_config=False, plan=False)
-
-    p = sub.add_parser("data-demo", help="the data pipeline alone: corpus, tokenizer, shards")
+    p = sub.add_parser("data-demo", help="the demo's data half alone: corpora, tokenizer, shards")
     p.add_argument("--output", default="cptfast-data-demo",
                    help="working directory (%(default)s)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes")

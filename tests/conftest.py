@@ -77,14 +77,14 @@ SAMPLE_TEXTS = [
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer that prepends BOS (the Llama convention); vocab 300."""
-    from cptfast.demo import build_tokenizer
+    from cptfast.training.demo import build_tokenizer
     return build_tokenizer(tmp_path_factory.mktemp("tok_bos"), SAMPLE_TEXTS * 4, vocab_size=300)
 
 
 @pytest.fixture(scope="session")
 def tokenizer_no_bos_dir(tmp_path_factory) -> Path:
     """The same kind of tokenizer without BOS (the GPT-2 convention)."""
-    from cptfast.demo import build_tokenizer
+    from cptfast.training.demo import build_tokenizer
     return build_tokenizer(tmp_path_factory.mktemp("tok_nobos"), SAMPLE_TEXTS * 4,
                            vocab_size=300, add_bos=False)
 

@@ -64,8 +64,19 @@ def test_import_is_cheap():
 
 
 # The import direction: a module may import only layers below its own (or its own package).
-LAYER = {"cli": 5, "benchmark": 4, "doctor": 3, "training": 4, "hf": 3, "data": 3, "demo": 3,
-         "ops": 2, "aot": 2, "perf_model": 1, "reference": 1, "_ext": 1, "_C": 0, "errors": 0, "kernels": 0}
+LAYER = {"cli": 5, "benchmark": 4, "doctor": 3, "training": 4, "hf": 3, "data": 3,
+         "ops": 2, "aot": 2, "perf_model": 1, "reference": 1, "_ext": 1, "_C": 0, "errors": 0,
+         "kernels": 0}
+
+
+def test_every_module_has_a_layer_and_every_layer_a_module():
+    # The table is the whole package: a new module needs a layer, a removed one takes its own.
+    package = ROOT / "cptfast"
+    modules = {p.name.split(".")[0] for p in package.iterdir()
+               if (p.suffix in (".py", ".so") or (p / "__init__.py").is_file())
+               and p.name.split(".")[0] not in ("__init__", "__main__")}
+    modules.add("kernels")  # kernels/ installs as cptfast.kernels
+    assert modules == set(LAYER)
 
 
 def cptfast_imports(path: Path):
@@ -83,7 +94,8 @@ def layer_of(module: str) -> int | None:
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "cptfast").rglob("*.py"))
-                         + sorted((ROOT / "kernels").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+                         + sorted((ROOT / "kernels").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_point_down(path):
     relative = path.relative_to(ROOT).with_suffix("")
     if relative.parts[0] == "kernels":
@@ -117,11 +129,28 @@ def test_ci_runs_the_readme_test_command():
     assert "<!-- test-command -->" in readme and "test-command" in ci
 
 
-def test_demo_runs_offline(tmp_path, capsys):
+def test_data_demo_runs_offline(tmp_path, capsys):
+    # `cptfast data-demo` is the demo's data half: its corpora, tokenizer and shard directories.
+    import json
+
     from cptfast.cli import main
     assert main(["data-demo", "--output", str(tmp_path / "demo"), "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    assert "800 documents" in out and "verified" in out and "<|eos|>" in out
+    assert "verified 4 shard directories" in out and "<|eos|>" in out
+    for name in ("general", "domain", "general_eval", "domain_eval"):
+        documents = len((tmp_path / "demo" / "corpus" / f"{name}.jsonl").read_text().splitlines())
+        manifest = json.loads((tmp_path / "demo" / "shards" / name / "manifest.json").read_text())
+        assert f"2. shards {name}: {documents:,} documents" in out
+        assert sum(f["documents"] for f in manifest["files"]) == documents
+
+
+def test_the_demo_is_train_without_arguments():
+    # One demo, one code path: no `demo` subcommand beside `cptfast train`.
+    from cptfast.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo"])
+    args = build_parser().parse_args(["train"])
+    assert args.config is None and args.demo_output == "cptfast-demo"
 
 
 # Inside the trainer the same rule: the loop sits on its parts, which sit on the config.

@@ -11,6 +11,10 @@ warmup-stable-decay style. It ends with the forgetting monitor's table (domain a
 held-out loss, before and after each run: the forgetting that replay prevents),
 tokens/s, a loss-curve PNG when matplotlib is installed, and a generation from the final
 checkpoint loaded back with `AutoModelForCausalLM`.
+
+`cptfast data-demo` runs the data half alone (`run_data_demo`: corpora, tokenizer, shards, then
+each shard directory verified and a document read back). The two builders the demo needs live
+here too: `stdlib_corpora` and `build_tokenizer` (a byte-level BPE tokenizer any text can train).
 """
 
 from __future__ import annotations
@@ -96,10 +100,32 @@ def run_demo(output: str | Path = "cptfast-demo", *, quick: bool = False,
             "final_checkpoint": str(result.final_checkpoint), "sample": sample}
 
 
+def run_data_demo(output: str | Path = "cptfast-data-demo", *,
+                  workers: int | None = None) -> dict[str, Path]:
+    """The data half of the demo alone, at its quick size: corpora, tokenizer and shards under
+    ``output`` (cached there, as in `run_demo`), then every shard directory verified and
+    document 0 of the domain shards read back; returns the shard directories by name."""
+    from cptfast.data import verify
+
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"cptfast data-demo: corpora, tokenizer and shards, offline, under {root.absolute()}")
+    shards = _prepare_inputs(root, QUICK, workers)
+    opened = {name: verify(path) for name, path in shards.items()}
+    print(f"3. verified {len(opened)} shard directories: structure, token ids, counts and "
+          "sha256 of every file")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(shards["domain"] / "tokenizer"))
+    first = opened["domain"].document(0)
+    print(f"4. domain document 0 read back zero-copy ({len(first)} {first.dtype} tokens): "
+          f"{tokenizer.decode(first.tolist())!r}")
+    return shards
+
+
 def _prepare_inputs(root: Path, size: DemoSize, workers: int | None) -> dict[str, Path]:
     """Corpora, tokenizer and shard directories, built once and then reused."""
     from cptfast.data import prepare
-    from cptfast.demo import build_tokenizer, stdlib_corpora
 
     names = ("general", "domain", "general_eval", "domain_eval")
     shards = {name: root / "shards" / name for name in names}
@@ -228,3 +254,74 @@ def _generate(checkpoint: Path) -> str:
         out = model.generate(**prompt, max_new_tokens=48, do_sample=False,
                              no_repeat_ngram_size=4, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def build_tokenizer(directory: str | Path, texts: list[str], *, vocab_size: int = 512,
+                    add_bos: bool = True) -> Path:
+    """Train a byte-level BPE tokenizer on ``texts`` and save it for ``AutoTokenizer``.
+
+    Special tokens: ``<|bos|>`` (prepended when ``add_bos``, the Llama convention),
+    ``<|eos|>`` and ``<|pad|>``. Byte-level, so every Unicode string round-trips.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|bos|>", "<|eos|>", "<|pad|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    core.train_from_iterator(texts, trainer=trainer)
+    if add_bos:
+        bos = core.token_to_id("<|bos|>")
+        core.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", bos)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|bos|>",
+                                      eos_token="<|eos|>", pad_token="<|pad|>")
+    directory = Path(directory)
+    wrapped.save_pretrained(str(directory))
+    return directory
+
+
+_SKIPPED_STDLIB_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
+                         "turtledemo", "ensurepip", "__pycache__", "venv"}
+
+
+def stdlib_corpora(max_chars: int = 1_500_000) -> tuple[list[str], list[str]]:
+    """Real text already on every machine with Python: (general, domain) documents from the
+    standard library's source. General: the docstrings of modules, classes and functions
+    (English prose). Domain: the source code of top-level functions and classes. Files are
+    read in sorted order, so the corpora are the same on every run of one Python version;
+    each corpus stops after ``max_chars`` characters."""
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    general: list[str] = []
+    domain: list[str] = []
+    sizes = [0, 0]
+    for path in sorted(stdlib.rglob("*.py")):
+        if _SKIPPED_STDLIB_PARTS & set(path.relative_to(stdlib).parts):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                text = ast.get_docstring(node)
+                if text and len(text) >= 200 and sizes[0] < max_chars:
+                    general.append(text[:4000])
+                    sizes[0] += len(general[-1])
+        for node in tree.body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                code = ast.get_source_segment(source, node)
+                if code and len(code) >= 200 and sizes[1] < max_chars:
+                    domain.append(code[:4000])
+                    sizes[1] += len(domain[-1])
+        if min(sizes) >= max_chars:
+            break
+    return general, domain

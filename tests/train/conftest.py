@@ -12,7 +12,7 @@ def setup(tmp_path_factory, tokenizer_dir):
     import transformers
 
     from cptfast.data import prepare
-    from cptfast.demo import domain_document, general_document
+    from synthetic_text import domain_document, general_document
 
     root = tmp_path_factory.mktemp("train")
     rng = random.Random(0)

@@ -18,23 +18,31 @@ from test_train import FAULT_INJECTION, toml
 STEPS = 6
 
 
-def run(setup, run_dir: Path, ranks: int, parallel: str = "ddp", kill: str = "",
-        timeout: int = 240) -> subprocess.CompletedProcess:
+def train_command(setup, run_dir: Path, name: str, parallel: str = "ddp",
+                  kill: str = "") -> list[str]:
+    """What each launch runs after the interpreter (alone or as torchrun's script):
+    `cptfast train CONFIG OVERRIDES`, through fault_injection.py when ``kill`` is set."""
     # 128 tokens per step: 2 micro-batches of 2 x 32 on 1 rank, 1 on each of 2 ranks.
-    config = run_dir.parent / f"{run_dir.name}-{ranks}-{parallel}.toml"
+    config = run_dir.parent / f"{run_dir.name}-{name}.toml"
     config.write_text(toml(setup, run_dir))
     overrides = [f"--train.steps={STEPS}", f'--train.parallel="{parallel}"',
                  "--train.timeout_s=60", "--train.deterministic=false", "--checkpoint.every=3",
                  "--eval.every=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     program = [str(FAULT_INJECTION), kill] if kill else ["-m", "cptfast"]  # the same command
-    if ranks == 1:
-        command = [sys.executable, *program, "train", str(config), *overrides]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                   "--master_port", str(29500 + os.getpid() % 1000), *program, "train",
-                   str(config), *overrides]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return [*program, "train", str(config), *overrides]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(setup, run_dir: Path, ranks: int, parallel: str = "ddp", kill: str = "",
+        timeout: int = 240) -> subprocess.CompletedProcess:
+    command = train_command(setup, run_dir, f"{ranks}-{parallel}", parallel, kill)
+    if ranks > 1:
+        command = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                   "--master_port", str(29500 + os.getpid() % 1000), *command]
+    return subprocess.run([sys.executable, *command], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def losses(run_dir: Path, key: str = "loss") -> list[float]:
@@ -55,19 +63,21 @@ def assert_close_weights(got: dict, want: dict):
         assert error < 1e-4, (name, float(error))
 
 
-@pytest.fixture(scope="module")
-def one_rank(setup, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("dist") / "one"
-    done = run(setup, run_dir, 1)
+def completed(setup, run_dir: Path, ranks: int, parallel: str = "ddp") -> Path:
+    """``run_dir`` after a run that must succeed."""
+    done = run(setup, run_dir, ranks, parallel)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def one_rank(setup, tmp_path_factory):
+    return completed(setup, tmp_path_factory.mktemp("dist") / "one", 1)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_two_ranks_follow_one_rank(setup, one_rank, tmp_path, parallel):
-    run_dir = tmp_path / parallel
-    done = run(setup, run_dir, 2, parallel)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = completed(setup, tmp_path / parallel, 2, parallel)
     assert losses(run_dir) == pytest.approx(losses(one_rank), rel=1e-5)
     # The gradient itself, not only its direction (Adam would hide a scale error).
     assert losses(run_dir, "grad_norm") == pytest.approx(losses(one_rank, "grad_norm"), rel=1e-4)
@@ -91,8 +101,7 @@ def test_a_checkpoint_resumes_on_another_world_size(setup, one_rank, tmp_path, b
     killed = run(setup, run_dir, *before, kill="step:4")  # the last checkpoint is step 3
     assert killed.returncode != 0
     assert (run_dir / "checkpoints" / "step-00000003").is_dir()
-    resumed = run(setup, run_dir, *after)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    completed(setup, run_dir, *after)
     assert losses(run_dir) == pytest.approx(losses(one_rank), rel=1e-5)
     assert_close_weights(final_weights(run_dir), final_weights(one_rank))
 

@@ -190,7 +190,7 @@ def test_metadata_conditioning_then_cooldown_runs_end_to_end(setup, tmp_path,
     import random
 
     from cptfast.data import prepare
-    from cptfast.demo import domain_document
+    from synthetic_text import domain_document
 
     rng = random.Random(1)
     with open(tmp_path / "web.jsonl", "w") as f:
