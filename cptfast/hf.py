@@ -21,6 +21,7 @@ Everything family-specific is one row of FAMILIES.
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ import torch
 
 from cptfast import ops
 
-ATTENTION_NAME = "cptfast"
+ATTENTION_NAME = "cptfast"  # transformers' attn_implementation names, per implementation
+# (no "flash" in a name: transformers would look for a hub kernel)
+ATTENTION_NAMES = {"cptfast": ATTENTION_NAME, "flash_attn": "cptfast_fa"}
 
 
 @dataclass(frozen=True)
@@ -51,17 +54,23 @@ FAMILIES = {  # config.model_type -> facts
 
 @dataclass
 class _State:
-    attention: bool
+    attention: str | None  # the implementation (ops.ATTENTION_IMPLEMENTATIONS), None: off
     loss: bool
     rope: bool
     original_attention: str | None
     rotary_hooks: list
 
 
-def accelerate(model, *, attention: bool = True, loss: bool = True, rope: bool = True):
+def accelerate(model, *, attention: bool | str = True, loss: bool = True, rope: bool = True):
     """Patch a `transformers` (>= 5) causal LM instance in place to use cptfast's kernels and
-    return it. ``attention``, ``loss``, ``rope`` pick the parts. Accelerating an accelerated
-    model with the same options does nothing; `unaccelerate` undoes it."""
+    return it. ``attention``, ``loss``, ``rope`` pick the parts; ``attention`` may name the
+    packed-attention implementation ("cptfast", the default for True, or "flash_attn").
+    Accelerating an accelerated model with the same options does nothing; `unaccelerate`
+    undoes it."""
+    attention = "cptfast" if attention is True else (attention or None)
+    if attention is not None and attention not in ATTENTION_NAMES:
+        raise ValueError(f"attention must be True, False or one of "
+                         f"{', '.join(ATTENTION_NAMES)}; got {attention!r}")
     state = getattr(model, "_cptfast", None)
     if state is not None:
         if (state.attention, state.loss, state.rope) == (attention, loss, rope):
@@ -72,7 +81,7 @@ def accelerate(model, *, attention: bool = True, loss: bool = True, rope: bool =
     if attention:
         _register_attention()
         original_attention = model.config._attn_implementation
-        model.set_attn_implementation(ATTENTION_NAME)
+        model.set_attn_implementation(ATTENTION_NAMES[attention])
     if loss:
         model.forward = _accelerated_forward.__get__(model)
     hooks = []
@@ -179,9 +188,11 @@ def _register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    AttentionInterface.register(ATTENTION_NAME, attention_forward)
-    # Like flash attention, we want either no mask or the 2-D padding mask, never a 4-D one.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, flash_attention_mask)
+    for implementation, name in ATTENTION_NAMES.items():
+        AttentionInterface.register(name, functools.partial(attention_forward,
+                                                            implementation=implementation))
+        # Like flash attention, we want either no mask or the 2-D padding mask, never 4-D.
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, flash_attention_mask)
 
 
 _warned_about_position_ids = False
@@ -190,8 +201,10 @@ _warned_about_position_ids = False
 def attention_forward(module, query, key, value, attention_mask, *, dropout: float = 0.0,
                       scaling: float | None = None, sliding_window: int | None = None,
                       softcap: float | None = None, cu_seq_lens_q=None, cu_seq_lens_k=None,
-                      max_length_q=None, max_length_k=None, position_ids=None, **kwargs):
-    """transformers attention-interface function. query [B, Hq, S, D], key/value
+                      max_length_q=None, max_length_k=None, position_ids=None,
+                      implementation: str = "cptfast", **kwargs):
+    """transformers attention-interface function (``implementation``: see
+    `ops.varlen_attention`). query [B, Hq, S, D], key/value
     [B, Hkv, K, D], attention_mask None or a 2-D [B, K] padding mask; returns
     ([B, S, Hq, D], None). transformers' ``sliding_window`` w lets a query see itself and the
     w - 1 keys before it, i.e. cptfast's window w - 1."""
@@ -201,7 +214,8 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout: flo
     query, key, value = _one_dtype(query, key, value)
     window = sliding_window - 1 if sliding_window is not None else None
     causal = getattr(module, "is_causal", True)
-    options = dict(causal=causal, softmax_scale=scaling, window=window, softcap=softcap)
+    options = dict(causal=causal, softmax_scale=scaling, window=window, softcap=softcap,
+                   implementation=implementation)
     batch, _, q_len, head_dim = query.shape
     k_len = key.shape[2]
     q = query.transpose(1, 2)  # [B, S, H, D]

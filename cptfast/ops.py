@@ -148,36 +148,37 @@ def _check_attention(q, k, v, cu_seqlens, max_seqlen, window) -> None:
                          f"({int(lengths.max())} tokens); pass the longest document's length")
 
 
+ATTENTION_IMPLEMENTATIONS = ("cptfast", "flash_attn")
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor, max_seqlen: int, *, causal: bool = True,
                      softmax_scale: float | None = None, window: int | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None,
+                     implementation: str = "cptfast") -> torch.Tensor:
     """Attention over packed documents: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D] (Hq a
     multiple of Hkv, D <= 256), document d = tokens ``cu_seqlens[d]:cu_seqlens[d+1]`` (int32),
     ``max_seqlen`` >= the longest document. Query i sees key j of its own document when j <= i
     (``causal``) and i - j <= ``window`` (if set: itself and ``window`` tokens before);
     ``softcap`` c turns the scaled scores s into c·tanh(s/c) (Gemma 2). Returns [T, Hq, D].
-    Triton on CUDA (or flash-attn's varlen kernel with CPTFAST_ATTENTION=flash_attn when
-    installed), the per-document reference on the CPU."""
+    ``implementation``: "cptfast" (Triton on CUDA, the per-document reference on the CPU) or
+    "flash_attn" (flash-attn's varlen kernel: CUDA, with the package installed)."""
     _check_attention(q, k, v, cu_seqlens, max_seqlen, window)
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
+                         f"got {implementation!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive (or None), got {softcap}")
     options = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap)
-    if _attention_choice() == "flash_attn" and q.is_cuda:
+    if implementation == "flash_attn":
+        if not q.is_cuda:
+            raise ValueError("implementation=\"flash_attn\" runs on CUDA tensors only; "
+                             "\"cptfast\" runs everywhere")
         return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, **options)
     if backend_for(q) == "triton":
         from cptfast.kernels.attention import varlen_attention as triton_attention
         return triton_attention(q, k, v, cu_seqlens, max_seqlen, **options)
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options)
-
-
-def _attention_choice() -> str:
-    """CPTFAST_ATTENTION: "" / "cptfast" (ours) or "flash_attn" (flash-attn's varlen kernel,
-    CUDA only)."""
-    choice = os.environ.get("CPTFAST_ATTENTION", "").strip().lower()
-    if choice not in ("", "cptfast", "flash_attn"):
-        raise ValueError(f"CPTFAST_ATTENTION must be 'cptfast' or 'flash_attn', got {choice!r}")
-    return choice
 
 
 def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window,
@@ -188,9 +189,9 @@ def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale
     try:
         from flash_attn import flash_attn_varlen_func  # optional extra: cptfast[gpu]
     except ImportError as error:
-        raise ImportError("CPTFAST_ATTENTION=flash_attn needs the flash-attn package: "
-                          "pip install 'cptfast[gpu]' on a CUDA machine, or unset "
-                          "CPTFAST_ATTENTION to use cptfast's Triton kernel") from error
+        raise ImportError("attention implementation \"flash_attn\" needs the flash-attn "
+                          "package: pip install 'cptfast[gpu]' on a CUDA machine, or use "
+                          "\"cptfast\" (cptfast's Triton kernel)") from error
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
         softmax_scale=softmax_scale, softcap=softcap or 0.0,

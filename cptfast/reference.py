@@ -12,25 +12,24 @@ Rows whose label is ignore_index count as 0 with zero gradient. "mean" divides b
 counted rows (0 when there are none: loss 0, gradients 0), "sum" adds, "none" returns per-row
 losses. Everything is computed in fp32 (fp64 for fp64 inputs, so gradcheck applies).
 
-Both functions work in row chunks sized from a memory budget, so the CPU path stays lean too:
-the fused linear version never holds more than one chunk of logits.
+Both functions work in row chunks sized from a memory budget (about ``chunk_bytes`` of logits
+in the logits' dtype, the Triton path's budget), so the CPU path stays lean too: the fused
+linear version never holds more than one chunk of logits. The autograd helpers (options, chunk
+budget, mean scale, the in-place backward scaling) are the Triton path's own, from
+cptfast.kernels._autograd, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import torch
 
-from cptfast.kernels._autocast import (autocast_cast, autocast_dtype, fp32_out_gemm,
-                                      no_autocast)
+from cptfast.kernels._autocast import autocast_cast, autocast_dtype, no_autocast
+from cptfast.kernels._autograd import (REDUCTIONS, LossOptions, accumulate, counted_rows,
+                                       in_dtypes, mean_scale, reduce, rows_per_chunk,
+                                       scale_saved_gradients)
 
-REDUCTIONS = ("mean", "sum", "none")
-DEFAULT_CHUNK_BYTES = 64 << 20  # fp32 working set of one chunk of logits
-
-
-def rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
-    """Rows whose fp32 logits fit in about ``chunk_bytes`` (they become their gradient in
-    place)."""
-    return max(1, chunk_bytes // (4 * max(vocab, 1)))
+__all__ = ["REDUCTIONS", "apply_rotary_", "cross_entropy", "fused_linear_cross_entropy",
+           "varlen_attention"]
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,21 +37,21 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def loss_and_grad_rows_(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *,
-                        ignore_index: int, label_smoothing: float, z_loss: float,
-                        softcap: float | None, need_grad: bool
+def loss_and_grad_rows_(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                        options: LossOptions, need_grad: bool
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and lse of one chunk of logits ``z`` (fp32/fp64, overwritten). With
-    ``need_grad``, ``z`` is left holding dloss/dlogits * scale (scale: one value or one per
-    row). In place, so a chunk costs one buffer of logits and a few per-row vectors."""
+    ``need_grad``, ``z`` is left holding dloss/dlogits * scale (scale: [1] or one per row).
+    In place, so a chunk costs one buffer of logits and a few per-row vectors."""
     vocab = z.shape[-1]
+    softcap, label_smoothing, z_loss = options.softcap, options.label_smoothing, options.z_loss
     capped_slope = None
     if softcap is not None:
         z.div_(softcap).tanh_()
         if need_grad:
             capped_slope = 1 - z * z  # d(c tanh(x/c))/dx, the one extra buffer softcap costs
         z.mul_(softcap)
-    counted = labels != ignore_index
+    counted = labels != options.ignore_index
     safe_labels = torch.where(counted, labels, 0).long()[:, None]
     label_logit = z.gather(1, safe_labels)[:, 0]
     mean_logit = z.mean(dim=-1) if label_smoothing else None
@@ -70,37 +69,11 @@ def loss_and_grad_rows_(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tens
         if label_smoothing:
             z.sub_(label_smoothing / vocab)
         z.scatter_add_(1, safe_labels, torch.full_like(lse[:, None], -(1 - label_smoothing)))
-        z.mul_(scale[:, None] if scale.dim() else scale)
+        z.mul_(scale[:, None])
         if capped_slope is not None:
             z.mul_(capped_slope)
         z.masked_fill_(~counted[:, None], 0.0)  # not a product: 0 * NaN is NaN
     return loss, lse
-
-
-def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str,
-                dtype: torch.dtype) -> torch.Tensor:
-    """1 / counted rows for "mean" (1 when none are counted, so all-ignored gives 0), else 1."""
-    if reduction != "mean":
-        return torch.ones((), dtype=dtype, device=labels.device)
-    counted = (labels != ignore_index).sum().clamp(min=1)
-    return 1.0 / counted.to(dtype)
-
-
-def _reduce(losses: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
-    return losses if reduction == "none" else losses.sum() * scale
-
-
-def scale_saved_gradients(ctx, grad_loss: torch.Tensor, *grads):
-    """The backward of a loss whose gradients the forward already computed: multiply them by
-    the incoming gradient. When that is 1 (a plain ``loss.backward()``) the saved tensors are
-    returned as they are, so they become the inputs' .grad without a copy of their size; they
-    are never modified, so repeated backwards (gradcheck, retain_graph) stay correct. (The
-    Triton path scales in place instead, as checking for 1 would cost a GPU synchronisation.)"""
-    if ctx.reduction == "none":
-        grad_loss = grad_loss[:, None]
-    elif not torch.compiler.is_compiling() and bool(grad_loss == 1):
-        return grads
-    return tuple(None if g is None else (g * grad_loss).to(g.dtype) for g in grads)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -108,37 +81,34 @@ class _CrossEntropy(torch.autograd.Function):
     chunk, so the backward only scales it."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction,
-                chunk_bytes):
+    def forward(ctx, logits, labels, options: LossOptions):
         need_grad = logits.requires_grad
         acc = math_dtype(logits.dtype)
-        scale = _mean_scale(labels, ignore_index, reduction, acc)
+        scale = mean_scale(labels, options.ignore_index, options.reduction, acc)
         losses = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
         lse = torch.empty_like(losses)
         grad = torch.empty_like(logits) if need_grad else None
-        step = rows_per_chunk(logits.shape[1], chunk_bytes)
+        step = rows_per_chunk(logits.shape[1], logits.element_size(), options.chunk_bytes,
+                              logits.device)
         buffer = torch.empty((min(step, logits.shape[0]), logits.shape[1]), dtype=acc,
                              device=logits.device)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             z = buffer[: logits[rows].shape[0]]
             z.copy_(logits[rows])
-            losses[rows], lse[rows] = loss_and_grad_rows_(
-                z, labels[rows], scale, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                need_grad=need_grad)
+            losses[rows], lse[rows] = loss_and_grad_rows_(z, labels[rows], scale, options,
+                                                          need_grad)
             if need_grad:
                 grad[rows] = z
-        ctx.reduction = reduction
+        ctx.reduction = options.reduction
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
-        return _reduce(losses, scale, reduction), lse
+        return reduce(losses, scale, options.reduction), lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
-        return (*scale_saved_gradients(ctx, grad_loss, grad),
-                None, None, None, None, None, None, None)
+        return *scale_saved_gradients(ctx.reduction, grad_loss, grad), None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
@@ -147,27 +117,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
                   return_lse: bool = False, chunk_bytes: int | None = None):
     """Cross-entropy of logits [N, V] (any float dtype) against labels [N]; see module doc.
     Inputs are assumed checked by cptfast.ops."""
-    loss, lse = _CrossEntropy.apply(logits, labels, ignore_index, label_smoothing, z_loss,
-                                    softcap, reduction, chunk_bytes or DEFAULT_CHUNK_BYTES)
+    options = LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                          z_loss=z_loss, softcap=softcap, reduction=reduction,
+                          chunk_bytes=chunk_bytes)
+    loss, lse = _CrossEntropy.apply(logits, labels, options)
     return (loss, lse) if return_lse else loss
-
-
-def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (fp32/fp64) += a @ b in place, a and b in their own (possibly half) dtype: no
-    temporary of out's size, no half-precision round trip of the sum. Without an fp32-output
-    half GEMM on the device (the CPU in torch 2.13) the GEMM takes copies of the chunk-sized
-    operands in out's dtype: half-precision values and their products are exact there."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    elif fp32_out_gemm(out.device.type) and out.dtype == torch.float32:
-        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-    else:
-        out.addmm_(a.to(out.dtype), b.to(out.dtype))
-
-
-def _in_dtypes(grads, dtypes):
-    """The gradients in their inputs' original dtypes (a no-op where they already are)."""
-    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -185,48 +139,45 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
-                softcap, reduction, chunk_bytes, compute_dtype):
-        options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       z_loss=z_loss, softcap=softcap)
+    def forward(ctx, hidden, weight, labels, bias, options: LossOptions, compute_dtype):
         need_grad = hidden.requires_grad or weight.requires_grad or (
             bias is not None and bias.requires_grad)
-        precompute = need_grad and reduction != "none"
+        precompute = need_grad and options.reduction != "none"
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.device_type = hidden.device.type
         with no_autocast(hidden.device.type):
             hidden, weight, bias = (autocast_cast(t, compute_dtype)
                                     for t in (hidden, weight, bias))
-            scale = _mean_scale(labels, ignore_index, reduction, math_dtype(hidden.dtype))
+            scale = mean_scale(labels, options.ignore_index, options.reduction,
+                               math_dtype(hidden.dtype))
             losses, lse, grads = _fused_chunks(hidden, weight, bias, labels, scale, options,
-                                               chunk_bytes, want_grads=precompute)
-        ctx.reduction, ctx.options, ctx.chunk_bytes = reduction, options, chunk_bytes
-        ctx.has_bias = bias is not None
+                                               want_grads=precompute)
+        ctx.options, ctx.has_bias = options, bias is not None
         if precompute:
-            ctx.save_for_backward(*_in_dtypes(grads, ctx.dtypes))
+            ctx.save_for_backward(*in_dtypes(grads, ctx.dtypes))
         else:
             ctx.save_for_backward(hidden, weight, labels, bias)  # in the compute dtype
         ctx.mark_non_differentiable(lse)
-        return _reduce(losses, scale, reduction), lse
+        return reduce(losses, scale, options.reduction), lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        if ctx.reduction != "none":
+        if ctx.options.reduction != "none":
             grad_hidden, grad_weight, grad_bias = scale_saved_gradients(
-                ctx, grad_loss, *ctx.saved_tensors)
+                ctx.options.reduction, grad_loss, *ctx.saved_tensors)
         else:
             hidden, weight, labels, bias = ctx.saved_tensors
             with no_autocast(ctx.device_type):
                 _, _, grads = _fused_chunks(hidden, weight, bias, labels, grad_loss,
-                                            ctx.options, ctx.chunk_bytes, want_grads=True)
-            grad_hidden, grad_weight, grad_bias = _in_dtypes(grads, ctx.dtypes)
+                                            ctx.options, want_grads=True)
+            grad_hidden, grad_weight, grad_bias = in_dtypes(grads, ctx.dtypes)
         return (grad_hidden, grad_weight, None, grad_bias if ctx.has_bias else None,
-                None, None, None, None, None, None, None)
+                None, None)
 
 
-def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes, want_grads):
+def _fused_chunks(hidden, weight, bias, labels, row_scale, options: LossOptions, want_grads):
     """Per-row losses and lse, and with want_grads the gradients of hidden, weight and bias
-    for d(sum of row_scale * loss) (row_scale: a scalar, or one weight per row): grad_hidden
+    for d(sum of row_scale * loss) (row_scale: [1], or one weight per row): grad_hidden
     in hidden's dtype, grad_weight and grad_bias in the math dtype.
 
     fp32/fp64 operands: logits straight into the math-dtype buffer. Half-precision operands
@@ -243,7 +194,8 @@ def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes,
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grads else None
     grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) \
         if want_grads and bias is not None else None
-    step = rows_per_chunk(vocab, chunk_bytes)
+    per_row = row_scale.numel() > 1
+    step = rows_per_chunk(vocab, hidden.element_size(), options.chunk_bytes, hidden.device)
     buffer = torch.empty((min(step, n), vocab), dtype=acc, device=hidden.device)
     low_buffer = torch.empty((min(step, n), vocab), dtype=hidden.dtype, device=hidden.device) \
         if low else None
@@ -259,8 +211,7 @@ def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes,
         if bias is not None:
             z += bias
         losses[rows], lse[rows] = loss_and_grad_rows_(
-            z, labels[rows], row_scale[rows] if row_scale.dim() else row_scale,
-            need_grad=want_grads, **options)
+            z, labels[rows], row_scale[rows] if per_row else row_scale, options, want_grads)
         if not want_grads:
             continue
         grad = z  # now dloss/dlogits, scaled
@@ -268,9 +219,8 @@ def _fused_chunks(hidden, weight, bias, labels, row_scale, options, chunk_bytes,
             grad = logits
             grad.copy_(z)
         torch.mm(grad, weight, out=grad_hidden[rows])
-        # Ignored rows zeroed: 0 * NaN is NaN, and their gradient rows are 0 anyway.
-        ignored = (labels[rows] == options["ignore_index"])[:, None]
-        _accumulate(grad_weight, grad.T, hidden[rows].masked_fill(ignored, 0))
+        accumulate(grad_weight, grad.T, counted_rows(hidden[rows], labels[rows],
+                                                     options.ignore_index))
         if grad_bias is not None:
             grad_bias += z.sum(dim=0)
     grads = (grad_hidden, grad_weight, grad_bias) if want_grads else (None, None, None)
@@ -283,15 +233,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                softcap: float | None = None, reduction: str = "mean",
                                return_lse: bool = False, chunk_bytes: int | None = None):
     """Cross-entropy of hidden [N, H] @ weight[V, H].T (+ bias [V]) against labels [N], in row
-    chunks of about ``chunk_bytes`` of fp32 logits; see module doc. Under autocast the GEMMs run
-    in the autocast dtype, as lm_head's would; gradients come back in the inputs' dtypes.
-    Inputs are assumed checked by cptfast.ops."""
+    chunks of about ``chunk_bytes`` of logits in hidden's dtype; see module doc. Under
+    autocast the GEMMs run in the autocast dtype, as lm_head's would; gradients come back in
+    the inputs' dtypes. Inputs are assumed checked by cptfast.ops."""
     if not torch.is_grad_enabled():  # no gradient wanted, though the weights require one
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-    loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
-                                               label_smoothing, z_loss, softcap, reduction,
-                                               chunk_bytes or DEFAULT_CHUNK_BYTES,
+    options = LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                          z_loss=z_loss, softcap=softcap, reduction=reduction,
+                          chunk_bytes=chunk_bytes)
+    loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, options,
                                                autocast_dtype(hidden.device.type))
     return (loss, lse) if return_lse else loss
 

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _capped, interpreting
+from ._autograd import AttentionOptions
+from ._triton_helpers import capped, fp32_dot
 
 
 @triton.jit
@@ -164,8 +165,26 @@ def _scores(a, b, scale, softcap, HAS_SOFTCAP: tl.constexpr):
     is one fused multiply-add per score, the scale folded in."""
     s = tl.dot(a, tl.trans(b))
     if HAS_SOFTCAP:
-        return _capped(s * scale, softcap, True), 1.4426950408889634
+        return capped(s * scale, softcap, True), 1.4426950408889634
     return s, scale * 1.4426950408889634
+
+
+@triton.jit
+def _kv_tile(i, left, lo, full_lo, full_hi, k_ptr, v_ptr, start, length, kv_head, stride_kt,
+             stride_kh, stride_vt, stride_vh, offs_d, d_ok, MASKED: tl.constexpr,
+             FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The i-th key block of a loop over _key_blocks: (offs_n, k, v), the rows past the
+    document's end masked only in a MASKED loop (the forward and dq share it)."""
+    n_start = _block_start(i, left, lo, full_lo, full_hi, MASKED, BLOCK_N)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    kv_mask = d_ok[None, :]
+    if MASKED:
+        kv_mask = kv_mask & (offs_n < length)[:, None]
+    k = _load_rows(k_ptr, start, offs_n, kv_head, stride_kt, stride_kh, offs_d, kv_mask,
+                   FP32_DOT)
+    v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d, kv_mask,
+                   FP32_DOT)
+    return offs_n, k, v
 
 
 @triton.jit
@@ -178,15 +197,9 @@ def _forward_tiles(acc, l_i, m_i, tiles, q, k_ptr, v_ptr, start, lo, full_lo, fu
     those at the window's edge, the diagonal and the document's end."""
     left, count = _block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N)
     for i in range(count):
-        n_start = _block_start(i, left, lo, full_lo, full_hi, MASKED, BLOCK_N)
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        kv_mask = d_ok[None, :]
-        if MASKED:
-            kv_mask = kv_mask & (offs_n < length)[:, None]
-        k = _load_rows(k_ptr, start, offs_n, kv_head, stride_kt, stride_kh, offs_d, kv_mask,
-                       FP32_DOT)
-        v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d, kv_mask,
-                       FP32_DOT)
+        offs_n, k, v = _kv_tile(i, left, lo, full_lo, full_hi, k_ptr, v_ptr, start, length,
+                                kv_head, stride_kt, stride_kh, stride_vt, stride_vh, offs_d,
+                                d_ok, MASKED, FP32_DOT, BLOCK_N)
         s, factor = _scores(q, k, scale, softcap, HAS_SOFTCAP)
         if MASKED:
             s = tl.where(_visible(offs_m, offs_n, length, window, CAUSAL, HAS_WINDOW), s,
@@ -356,15 +369,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, start, lo, full_lo, full_hi, 
     """One query block's dq over the key blocks of _key_blocks, unmasked or MASKED."""
     left, count = _block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N)
     for i in range(count):
-        n_start = _block_start(i, left, lo, full_lo, full_hi, MASKED, BLOCK_N)
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        kv_mask = d_ok[None, :]
-        if MASKED:
-            kv_mask = kv_mask & (offs_n < length)[:, None]
-        k = _load_rows(k_ptr, start, offs_n, kv_head, stride_kt, stride_kh, offs_d, kv_mask,
-                       FP32_DOT)
-        v = _load_rows(v_ptr, start, offs_n, kv_head, stride_vt, stride_vh, offs_d, kv_mask,
-                       FP32_DOT)
+        offs_n, k, v = _kv_tile(i, left, lo, full_lo, full_hi, k_ptr, v_ptr, start, length,
+                                kv_head, stride_kt, stride_kh, stride_vt, stride_vh, offs_d,
+                                d_ok, MASKED, FP32_DOT, BLOCK_N)
         s, factor = _scores(q, k, scale, softcap, HAS_SOFTCAP)
         p = tl.exp2(s * factor - lse[:, None])
         if MASKED:
@@ -609,33 +616,32 @@ def backward_delta(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, softcap, window,
-                tile_counts):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, options: AttentionOptions, tile_counts):
         tokens, q_heads, head_dim = q.shape
         kv_heads = k.shape[1]
         configs = launch_config(head_dim, q.dtype, target_arch(q.device))
-        flags = dict(GROUP=q_heads // kv_heads, CAUSAL=causal, HAS_WINDOW=window is not None,
-                     HAS_SOFTCAP=softcap is not None,
-                     FP32_DOT=interpreting() or q.dtype == torch.float32)
+        flags = dict(GROUP=q_heads // kv_heads, CAUSAL=options.causal,
+                     HAS_WINDOW=options.window is not None,
+                     HAS_SOFTCAP=options.softcap is not None, FP32_DOT=fp32_dot(q.dtype))
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((q_heads, tokens), dtype=torch.float32, device=q.device)
         config = configs["forward"]
         work = work_list(cu_seqlens, tokens, max_seqlen, config["BLOCK_M"], queries=True,
-                         causal=causal, window=window)
+                         causal=options.causal, window=options.window)
         programs = work.shape[0] * q_heads
         if tile_counts is not None:
             tile_counts.resize_(programs).zero_()
         if programs:
             attention_forward_kernel[(programs,)](
                 q, k, v, out, lse, cu_seqlens, work,
-                tile_counts if tile_counts is not None else lse, q_heads, scale, softcap or 1.0,
-                window or 0, head_dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+                tile_counts if tile_counts is not None else lse, q_heads, options.scale,
+                options.softcap or 1.0, options.window or 0, head_dim, q.stride(0), q.stride(1),
+                k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                lse.stride(0),
                 COUNT_TILES=tile_counts is not None, **flags, **config)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, work)
-        ctx.max_seqlen, ctx.scale, ctx.softcap, ctx.window = max_seqlen, scale, softcap, window
-        ctx.causal, ctx.flags, ctx.configs = causal, flags, configs
+        ctx.max_seqlen, ctx.options, ctx.flags, ctx.configs = max_seqlen, options, flags, configs
         return out
 
     @staticmethod
@@ -646,17 +652,17 @@ class _VarlenAttention(torch.autograd.Function):
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-        configs, flags = ctx.configs, ctx.flags
+        configs, flags, options = ctx.configs, ctx.flags, ctx.options
         tokens, q_heads, kv_heads = q.shape[0], q.shape[1], k.shape[1]
 
         def blocks_of(block, queries):
             if queries and block == ctx.configs["forward"]["BLOCK_M"]:
                 return forward_work
             return work_list(cu_seqlens, tokens, ctx.max_seqlen, block, queries=queries,
-                             causal=ctx.causal, window=ctx.window)
+                             causal=options.causal, window=options.window)
 
-        common = (ctx.scale, ctx.softcap or 1.0, ctx.window or 0, q.shape[2], q.stride(0),
-                  q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        common = (options.scale, options.softcap or 1.0, options.window or 0, q.shape[2],
+                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                   grad_out.stride(0), grad_out.stride(1))
         key_block_launches = ([("dkdv", True, True)] if "dkdv" in configs
                               else [("dk", True, False), ("dv", False, True)])
@@ -674,7 +680,7 @@ class _VarlenAttention(torch.autograd.Function):
             attention_backward_dq_kernel[(work.shape[0] * q_heads,)](
                 q, k, v, grad_out, lse, delta, dq, cu_seqlens, work, q_heads, *common,
                 dq.stride(0), dq.stride(1), lse.stride(0), **flags, **config)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -686,6 +692,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dtype. ``tile_counts``, if given (an int32 tensor), receives the number of key blocks each
     forward program visited. Inputs are assumed checked (cptfast.ops does)."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), causal, float(scale),
-                                  None if softcap is None else float(softcap), window,
-                                  tile_counts)
+    options = AttentionOptions(causal=causal, scale=float(scale), window=window,
+                               softcap=None if softcap is None else float(softcap))
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), options, tile_counts)

@@ -17,32 +17,12 @@ Offsets are 64-bit.
 
 from . import _guard  # noqa: F401  (only importable as cptfast.kernels)
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (the CPU test path)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _tanh(a):
-    # 1 - 2 / (exp(2a) + 1): exact limits at +-inf; tl has no tanh and libdevice is not
-    # available under the interpreter.
-    return 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
-
-
-@triton.jit
-def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
-    if HAS_SOFTCAP:
-        x = softcap * _tanh(x / softcap)
-    return x
+from ._autograd import LossOptions, mean_scale, reduce, scale_saved_gradients
+from ._triton_helpers import capped
 
 
 @triton.jit
@@ -60,6 +40,28 @@ def _chunks(shift, vocab, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
         count = tl.maximum(full_end // BLOCK_V - 1, 0)
         first = BLOCK_V
     return count, first, tail
+
+
+@triton.jit
+def _chunk(i, first, jump, shift, vocab, MASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The i-th chunk of one loop of _chunks: (index, cols, inside), its offsets from the
+    aligned address, its columns and which of them lie in the row."""
+    start = first + i * BLOCK_V
+    if MASKED:
+        start = tl.where(i == 0, 0, jump)
+    index = start + tl.arange(0, BLOCK_V)
+    cols = index - shift
+    return index, cols, (cols >= 0) & (cols < vocab)
+
+
+@triton.jit
+def _load_chunk(ptr, index, inside, MASKED: tl.constexpr):
+    """One chunk of the row, in fp32; only a MASKED one pays for the mask."""
+    if MASKED:
+        x = tl.load(ptr + index, mask=inside, other=0.0)
+    else:
+        x = tl.load(ptr + index)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -87,19 +89,10 @@ def cross_entropy_forward_kernel(
     for masked in tl.static_range(2):
         count, first, jump = _chunks(shift, vocab, masked == 1, BLOCK_V)
         for i in range(count):
-            start = first + i * BLOCK_V
-            if masked == 1:
-                start = tl.where(i == 0, 0, jump)
-            index = start + tl.arange(0, BLOCK_V)
-            cols = index - shift
-            if masked == 1:
-                inside = (cols >= 0) & (cols < vocab)
-                x = tl.load(logits_ptr + aligned + index, mask=inside, other=0.0)
-            else:
-                x = tl.load(logits_ptr + aligned + index)
-            x = x.to(tl.float32)
+            index, cols, inside = _chunk(i, first, jump, shift, vocab, masked == 1, BLOCK_V)
+            x = _load_chunk(logits_ptr + aligned, index, inside, masked == 1)
             nans += tl.sum((x != x).to(tl.int32), axis=0)
-            z = _capped(x, softcap, HAS_SOFTCAP)
+            z = capped(x, softcap, HAS_SOFTCAP)
             if masked == 1:
                 sum_z += tl.sum(tl.where(inside, z, 0.0), axis=0)
                 z = tl.where(inside, z, float("-inf"))
@@ -112,8 +105,8 @@ def cross_entropy_forward_kernel(
     lse = tl.where(nans > 0, float("nan"), lse)
 
     safe_label = tl.where(counted, label, 0)
-    z_label = _capped(tl.load(logits_ptr + offset + safe_label).to(tl.float32), softcap,
-                      HAS_SOFTCAP)
+    z_label = capped(tl.load(logits_ptr + offset + safe_label).to(tl.float32), softcap,
+                     HAS_SOFTCAP)
     loss = (1.0 - label_smoothing) * (lse - z_label) + z_loss * lse * lse
     loss += label_smoothing * (lse - sum_z / vocab)
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
@@ -128,23 +121,16 @@ def cross_entropy_forward_kernel(
         for masked in tl.static_range(2):
             count, first, jump = _chunks(shift, vocab, masked == 1, BLOCK_V)
             for i in range(count):
-                start = first + i * BLOCK_V
-                if masked == 1:
-                    start = tl.where(i == 0, 0, jump)
-                index = start + tl.arange(0, BLOCK_V)
-                cols = index - shift
-                inside = (cols >= 0) & (cols < vocab)
+                index, cols, inside = _chunk(i, first, jump, shift, vocab, masked == 1,
+                                             BLOCK_V)
                 if counted:
-                    if masked == 1:
-                        x = tl.load(logits_ptr + aligned + index, mask=inside, other=0.0)
-                    else:
-                        x = tl.load(logits_ptr + aligned + index)
-                    z = _capped(x.to(tl.float32), softcap, HAS_SOFTCAP)
+                    x = _load_chunk(logits_ptr + aligned, index, inside, masked == 1)
+                    z = capped(x, softcap, HAS_SOFTCAP)
                     grad = tl.exp(z - lse) * softmax_factor - label_smoothing / vocab
                     grad -= tl.where(cols == label, 1.0 - label_smoothing, 0.0)
                     if HAS_SOFTCAP:
-                        capped = z / softcap
-                        grad *= 1.0 - capped * capped
+                        ratio = z / softcap
+                        grad *= 1.0 - ratio * ratio
                     grad = grad * scale
                 else:
                     grad = tl.zeros((BLOCK_V,), tl.float32)
@@ -168,15 +154,12 @@ def launch_config(vocab: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     return {"BLOCK_V": block, "num_warps": warps}
 
 
-
-
-def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, *,
-                       ignore_index: int, label_smoothing: float, z_loss: float,
-                       softcap: float | None, grad: torch.Tensor | None):
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                       options: LossOptions, grad: torch.Tensor | None):
     """Per-row loss and lse (fp32 [N]); with ``grad`` ([N, V] in the logits' strides and dtype,
     may alias ``logits``), also writes dloss/dlogits * scale into it. ``scale`` (fp32) has one
     element (1 / counted rows for "mean") or one per row; it is read on the device, so there is
-    no host synchronisation."""
+    no host synchronisation. ``options.reduction`` is not read here."""
     rows, vocab = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(losses)
@@ -188,56 +171,37 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     if grad is not None and (grad.stride() != logits.stride() or grad.dtype != logits.dtype):
         raise ValueError("grad must have the logits' strides and dtype (the kernel reads and "
                          "writes a row at the same offsets)")
+    softcap = options.softcap
     config = launch_config(vocab, logits.dtype)
     cross_entropy_forward_kernel[(rows,)](
         logits, logits.stride(0), labels, losses, lse, grad if grad is not None else logits,
-        scale, vocab, ignore_index, float(label_smoothing), float(z_loss),
-        float(softcap) if softcap is not None else 1.0,
+        scale, vocab, options.ignore_index, float(options.label_smoothing),
+        float(options.z_loss), float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=grad is not None,
         SCALE_PER_ROW=scale.numel() > 1, **config)
     return losses, lse
 
 
-def mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """1 / counted rows for "mean" (1 when none: all-ignored gives 0), else 1; on the device."""
-    if reduction != "mean":
-        return torch.ones(1, dtype=torch.float32, device=labels.device)
-    return 1.0 / (labels != ignore_index).sum().clamp(min=1).float().reshape(1)
-
-
-def scale_saved_gradients(ctx, grad_loss: torch.Tensor, *grads):
-    """The backward of a loss whose gradients the forward already computed: scale them in
-    place, so each becomes its input's .grad without a copy of its size. None passes through.
-    A second backward through the same graph (retain_graph=True) is refused by autograd's
-    saved-tensor version check rather than scaling twice."""
-    if ctx.reduction == "none":
-        grad_loss = grad_loss[:, None]
-    return tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-
-
 class _TritonCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction):
-        scale = mean_scale(labels, ignore_index, reduction)
+    def forward(ctx, logits, labels, options: LossOptions):
+        scale = mean_scale(labels, options.ignore_index, options.reduction)
         need_grad = logits.requires_grad
         if logits.stride(1) != 1 or logits.stride(0) < logits.shape[1]:  # e.g. expanded rows
             logits = logits.contiguous()
         # The gradient in the logits' layout (cross_entropy_rows reads and writes one offset).
         grad = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
                                    device=logits.device) if need_grad else None
-        losses, lse = cross_entropy_rows(logits, labels, scale, ignore_index=ignore_index,
-                                         label_smoothing=label_smoothing, z_loss=z_loss,
-                                         softcap=softcap, grad=grad)
-        ctx.reduction = reduction
+        losses, lse = cross_entropy_rows(logits, labels, scale, options, grad)
+        ctx.reduction = options.reduction
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
-        loss = losses if reduction == "none" else losses.sum() * scale[0]
-        return loss, lse
+        return reduce(losses, scale, options.reduction), lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
-        return *scale_saved_gradients(ctx, grad_loss, grad), None, None, None, None, None, None
+        return *scale_saved_gradients(ctx.reduction, grad_loss, grad), None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
@@ -246,6 +210,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
                   return_lse: bool = False):
     """Triton cross-entropy of logits [N, V] (fp32/bf16/fp16) against labels [N]; see the
     module docstring. Inputs are assumed checked (cptfast.ops does)."""
-    loss, lse = _TritonCrossEntropy.apply(logits, labels, ignore_index, label_smoothing, z_loss,
-                                          softcap, reduction)
+    options = LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                          z_loss=z_loss, softcap=softcap, reduction=reduction)
+    loss, lse = _TritonCrossEntropy.apply(logits, labels, options)
     return (loss, lse) if return_lse else loss

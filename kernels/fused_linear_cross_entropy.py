@@ -48,9 +48,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autocast import autocast_cast, autocast_dtype, fp32_out_gemm, no_autocast
-from .cross_entropy import (_capped, cross_entropy_rows, interpreting, mean_scale,
-                            scale_saved_gradients)
+from ._autocast import autocast_cast, autocast_dtype, no_autocast
+from ._autograd import (LossOptions, accumulate, counted_rows, in_dtypes, mean_scale, reduce,
+                        rows_per_chunk, scale_saved_gradients)
+from ._triton_helpers import capped, fp32_dot
+from .cross_entropy import cross_entropy_rows
 
 
 @triton.jit
@@ -73,7 +75,7 @@ def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hi
         acc = tl.dot(h, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return _capped(acc, softcap, HAS_SOFTCAP)
+    return capped(acc, softcap, HAS_SOFTCAP)
 
 
 # The split arguments are not specialised: they depend on the GPU's SM count, and a value that
@@ -175,21 +177,6 @@ def tiles_per_split(row_blocks: int, tiles: int, processors: int, group: int = 8
     return max(length for length, t in time.items() if t <= 1.02 * best)
 
 
-# One chunk of logits, in the logits' dtype. The chunk's rows are the K of the grad_weight GEMM
-# (V x H, fp32, += g.T @ hidden), which reads and writes its 8-byte fp32 accumulator once per
-# chunk: about 2VHK FLOP over 8VH bytes, K/4 FLOP per byte. The bf16 ridge points (dense peak /
-# HBM bandwidth) are ~156 (A100), ~206 (H200), ~295 (H100 SXM) FLOP/B, so K must pass ~1200 to
-# be compute-bound at all on an H100 and ~2000 to be clear of it. 256 MiB gave K = 1046 at
-# Llama 3's V = 128256 in bf16 (~250 FLOP/B: memory-bound on an H100); 1 GiB gives 4185 there,
-# 2048 at Gemma's V = 262144 (~450 FLOP/B), for a transient buffer of 1 GiB (the logits of a
-# whole 16k-token micro-batch at V = 128256 would be 4 GiB).
-DEFAULT_CHUNK_BYTES = 1 << 30
-
-
-def rows_per_chunk(vocab: int, itemsize: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (itemsize * max(vocab, 1)))
-
-
 def _tile_losses(hidden, weight, bias, labels, options, split_tiles=None):
     """Per-row losses and lse from the tile kernel: no logits in memory. ``split_tiles``: the
     split length in BLOCK_V tiles (default: ``tiles_per_split`` for this device)."""
@@ -208,9 +195,9 @@ def _tile_losses(hidden, weight, bias, labels, options, split_tiles=None):
     fused_linear_cross_entropy_forward_kernel[(row_blocks * n_splits,)](
         hidden, weight, bias if bias is not None else hidden, labels, partials, n, vocab,
         hidden_size, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        n_splits, split_tiles, options["ignore_index"], float(options["softcap"] or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=options["softcap"] is not None,
-        FP32_DOT=interpreting() or hidden.dtype == torch.float32, **config)
+        n_splits, split_tiles, options.ignore_index, float(options.softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None,
+        FP32_DOT=fp32_dot(hidden.dtype), **config)
     return _merged_losses(partials, labels, vocab, options)
 
 
@@ -221,30 +208,13 @@ def _merged_losses(partials, labels, vocab, options):
     top = m.amax(0)
     lse = top + torch.log((sum_exp * torch.exp(m - top)).sum(0))
     lse = lse.masked_fill(nans.sum(0) > 0, float("nan"))  # max/exp may have skipped a NaN
-    smoothing, z_loss = float(options["label_smoothing"]), float(options["z_loss"])
+    smoothing, z_loss = float(options.label_smoothing), float(options.z_loss)
     loss = (1.0 - smoothing) * (lse - z_label.sum(0)) + z_loss * lse * lse
     loss = loss + smoothing * (lse - sum_z.sum(0) / vocab)
-    return torch.where(labels != options["ignore_index"], loss, 0.0), lse
+    return torch.where(labels != options.ignore_index, loss, 0.0), lse
 
 
-def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (fp32) += a @ b in place, with a and b in their own (possibly half) dtype: no
-    temporary of out's size, no half-precision round trip of the sum."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    elif fp32_out_gemm(out.device.type):
-        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-    else:  # no such kernel here (the CPU): fp32 copies of the chunk-sized operands, exact
-        out.addmm_(a.to(out.dtype), b.to(out.dtype))
-
-
-def _counted_rows(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """hidden with the rows of ignored labels zeroed: their gradient rows are zero, but a NaN
-    or inf there would still reach grad_weight through grad.T @ hidden (0 * NaN is NaN)."""
-    return hidden.masked_fill((labels == ignore_index)[:, None], 0)
-
-
-def _chunk_gradients(hidden, weight, bias, labels, row_scale, options, chunk_bytes):
+def _chunk_gradients(hidden, weight, bias, labels, row_scale, options: LossOptions):
     """Per-row losses and lse, and the gradients of hidden, weight and bias of
     sum(row_scale * loss); row_scale (fp32) has one element or one per row."""
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -255,7 +225,7 @@ def _chunk_gradients(hidden, weight, bias, labels, row_scale, options, chunk_byt
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
         if bias is not None else None
     per_row = row_scale.numel() > 1
-    step = rows_per_chunk(vocab, hidden.element_size(), chunk_bytes)
+    step = rows_per_chunk(vocab, hidden.element_size(), options.chunk_bytes, hidden.device)
     buffer = torch.empty((min(step, n), vocab), dtype=hidden.dtype, device=hidden.device)
     for start in range(0, n, step):
         rows = slice(start, start + step)
@@ -265,65 +235,54 @@ def _chunk_gradients(hidden, weight, bias, labels, row_scale, options, chunk_byt
         else:
             torch.mm(hidden[rows], weight.T, out=logits)
         losses[rows], lse[rows] = cross_entropy_rows(
-            logits, labels[rows], row_scale[rows] if per_row else row_scale, grad=logits,
-            **options)
+            logits, labels[rows], row_scale[rows] if per_row else row_scale, options,
+            grad=logits)
         grad = logits  # the kernel overwrote the logits with their (scaled) gradient
         torch.mm(grad, weight, out=grad_hidden[rows])
-        _accumulate_fp32(grad_weight, grad.T, _counted_rows(hidden[rows], labels[rows],
-                                                            options["ignore_index"]))
+        accumulate(grad_weight, grad.T, counted_rows(hidden[rows], labels[rows],
+                                                     options.ignore_index))
         if grad_bias is not None:
             grad_bias += grad.sum(dim=0, dtype=torch.float32)
     return losses, lse, (grad_hidden, grad_weight, grad_bias)
 
 
-def _in_dtypes(grads, dtypes):
-    """The gradients in their inputs' original dtypes (a no-op where they already are)."""
-    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
-
-
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
-                softcap, reduction, chunk_bytes, compute_dtype):
+    def forward(ctx, hidden, weight, labels, bias, options: LossOptions, compute_dtype):
         labels = labels.contiguous()
-        options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       z_loss=z_loss, softcap=softcap)
         need_grad = hidden.requires_grad or weight.requires_grad or (
             bias is not None and bias.requires_grad)
-        scale = mean_scale(labels, ignore_index, reduction)
-        ctx.reduction, ctx.options, ctx.chunk_bytes = reduction, options, chunk_bytes
-        ctx.has_bias = bias is not None
+        scale = mean_scale(labels, options.ignore_index, options.reduction)
+        ctx.options, ctx.has_bias = options, bias is not None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.device_type = hidden.device.type
         with no_autocast(hidden.device.type):
             # Once per call, as autocast casts a linear's inputs (compute_dtype None: as is).
             hidden, weight, bias = (autocast_cast(t, compute_dtype)
                                     for t in (hidden, weight, bias))
-            if need_grad and reduction != "none":
+            if need_grad and options.reduction != "none":
                 losses, lse, grads = _chunk_gradients(hidden, weight, bias, labels, scale,
-                                                      options, chunk_bytes)
-                ctx.save_for_backward(*_in_dtypes(grads, ctx.dtypes))
+                                                      options)
+                ctx.save_for_backward(*in_dtypes(grads, ctx.dtypes))
             else:
                 losses, lse = _tile_losses(hidden, weight, bias, labels, options)
                 ctx.save_for_backward(hidden, weight, labels, bias)
         ctx.mark_non_differentiable(lse)
-        loss = losses if reduction == "none" else losses.sum() * scale[0]
-        return loss, lse
+        return reduce(losses, scale, options.reduction), lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        if ctx.reduction != "none":
+        if ctx.options.reduction != "none":
             grad_hidden, grad_weight, grad_bias = scale_saved_gradients(
-                ctx, grad_loss, *ctx.saved_tensors)
+                ctx.options.reduction, grad_loss, *ctx.saved_tensors)
         else:
             hidden, weight, labels, bias = ctx.saved_tensors  # already in the compute dtype
             with no_autocast(ctx.device_type):
                 _, _, grads = _chunk_gradients(hidden, weight, bias, labels,
-                                               grad_loss.float().contiguous(), ctx.options,
-                                               ctx.chunk_bytes)
-            grad_hidden, grad_weight, grad_bias = _in_dtypes(grads, ctx.dtypes)
+                                               grad_loss.float().contiguous(), ctx.options)
+            grad_hidden, grad_weight, grad_bias = in_dtypes(grads, ctx.dtypes)
         return (grad_hidden, grad_weight, None, grad_bias if ctx.has_bias else None,
-                None, None, None, None, None, None, None)
+                None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -332,15 +291,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                softcap: float | None = None, reduction: str = "mean",
                                return_lse: bool = False, chunk_bytes: int | None = None):
     """Cross-entropy of hidden [N, H] @ weight [V, H].T (+ bias [V]) against labels [N];
-    semantics of cross_entropy.py; gradients in row chunks of about ``chunk_bytes`` of logits.
-    Under autocast the GEMMs run in the autocast dtype, as lm_head's would (see the module
-    docstring); gradients come back in the inputs' dtypes. Inputs are assumed checked
-    (cptfast.ops does)."""
+    semantics of cross_entropy.py; gradients in row chunks of about ``chunk_bytes`` of logits
+    (default: cptfast.kernels._autograd.DEFAULT_CHUNK_BYTES). Under autocast the GEMMs run in
+    the autocast dtype, as lm_head's would (see the module docstring); gradients come back in
+    the inputs' dtypes. Inputs are assumed checked (cptfast.ops does)."""
     if not torch.is_grad_enabled():  # no gradient wanted, though the weights require one
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-    loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, ignore_index,
-                                               label_smoothing, z_loss, softcap, reduction,
-                                               chunk_bytes or DEFAULT_CHUNK_BYTES,
+    options = LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                          z_loss=z_loss, softcap=softcap, reduction=reduction,
+                          chunk_bytes=chunk_bytes)
+    loss, lse = _FusedLinearCrossEntropy.apply(hidden, weight, labels, bias, options,
                                                autocast_dtype(hidden.device.type))
     return (loss, lse) if return_lse else loss

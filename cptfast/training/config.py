@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cptfast.data.loader import PACKINGS
+from cptfast.ops import ATTENTION_IMPLEMENTATIONS
 from cptfast.data.shards import FORMATS as SOURCE_FORMATS
 from cptfast.errors import ConfigError
 from cptfast.training.schedule import DECAY_SHAPES, SCHEDULES
@@ -38,7 +39,10 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 @dataclass
 class ModelConfig:
     path: str = _help("a local Hugging Face model directory (config.json + safetensors)", "")
-    attention: bool = _help("cptfast's packed attention (documents never see each other)", True)
+    attention: str | bool = _help(
+        "packed attention, documents never see each other: cptfast (Triton on GPUs) | "
+        "flash_attn (flash-attn's varlen kernel, CUDA) | off (the model's own attention; "
+        "true / false mean cptfast / off)", "cptfast")
     loss: bool = _help("the fused linear cross-entropy (no logits in training)", True)
     rope: bool = _help("the fused in-place RoPE kernel (CUDA)", True)
     activation_checkpointing: bool = _help("recompute each layer in the backward", False)
@@ -206,6 +210,9 @@ class Config:
     def validate(self) -> Config:
         """Every numeric value's range (`RANGES`) and the checks that need more than one key;
         raises ConfigError naming the key, the value and what is allowed."""
+        if isinstance(self.model.attention, bool):
+            self.model.attention = "cptfast" if self.model.attention else "off"
+        _one_of("model.attention", self.model.attention, (*ATTENTION_IMPLEMENTATIONS, "off"))
         _one_of("train.precision", self.train.precision, PRECISIONS)
         _one_of("schedule.kind", self.schedule.kind, SCHEDULES)
         _one_of("schedule.decay_shape", self.schedule.decay_shape, DECAY_SHAPES)
@@ -360,6 +367,10 @@ def _convert(annotation: str, value: Any, path: str):
         return {name: _build(EvalSourceConfig, table if isinstance(table, dict)
                              else {"path": table}, f"{path}.{name}")
                 for name, table in value.items()}
+    if annotation == "str | bool":
+        if isinstance(value, (str, bool)):
+            return value
+        raise ConfigError(f"{path} must be a string (or true / false), got {value!r}")
     if annotation == "str | list[str]":
         if isinstance(value, str) or (isinstance(value, list) and value and
                                       all(isinstance(v, str) for v in value)):

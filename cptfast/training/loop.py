@@ -454,8 +454,9 @@ def _load_model(path: Path, config: Config, device: torch.device, *, on_meta: bo
         model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=dtype,
                                                      attn_implementation="sdpa")
         model.to(device)
-    hf.accelerate(model, attention=config.model.attention, loss=config.model.loss,
-                  rope=config.model.rope)
+    attention = config.model.attention
+    hf.accelerate(model, attention=attention if attention != "off" else False,
+                  loss=config.model.loss, rope=config.model.rope)
     if config.model.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
         (enable or model.gradient_checkpointing_enable)()

@@ -310,3 +310,12 @@ def test_token_loss_weights_weight_each_tokens_loss(device):
     fast.eval()
     with pytest.raises(ValueError, match="token_loss_weights needs the fused loss"):
         fast(input_ids=ids, labels=ids, token_loss_weights=weights)
+
+
+def test_the_attention_implementation_is_chosen_by_one_argument(device):
+    _, fast = make_pair("llama", device, attention="flash_attn")
+    assert fast.config._attn_implementation == "cptfast_fa"
+    cptfast.accelerate(fast, attention=True)  # another choice replaces it
+    assert fast.config._attn_implementation == "cptfast"
+    with pytest.raises(ValueError, match="attention must be True, False or one of"):
+        cptfast.accelerate(fast, attention="flash")

@@ -343,7 +343,9 @@ def test_flash_attn_choice_is_checked(monkeypatch):
         ops._flash_attn_varlen(*(torch.randn(4, 1, 8) for _ in range(3)),
                                torch.tensor([0, 4], dtype=torch.int32), 4, causal=True,
                                softmax_scale=None, window=None)
-    monkeypatch.setenv("CPTFAST_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="CPTFAST_ATTENTION must be"):
-        cptfast.varlen_attention(*(torch.randn(4, 1, 8) for _ in range(3)),
-                                 torch.tensor([0, 4], dtype=torch.int32), 4)
+    inputs = (*(torch.randn(4, 1, 8) for _ in range(3)), torch.tensor([0, 4], dtype=torch.int32),
+              4)
+    with pytest.raises(ValueError, match="implementation must be one of cptfast, flash_attn"):
+        cptfast.varlen_attention(*inputs, implementation="flash")
+    with pytest.raises(ValueError, match="runs on CUDA tensors only"):
+        cptfast.varlen_attention(*inputs, implementation="flash_attn")

@@ -9,6 +9,7 @@ import torch
 
 import cptfast.reference as reference
 from cptfast.kernels import fused_linear_cross_entropy as triton_flce
+from cptfast.kernels._autograd import LossOptions
 
 
 def inputs(device):
@@ -116,10 +117,9 @@ def test_loss_only_tiles_across_splits(poisoned, device, n, vocab, dtype, option
                                        split_tiles):
     hidden, weight, bias, labels = eval_inputs(n, vocab, dtype, device, with_bias)
     kwargs = ALL_OPTIONS if options == "all" else {}
-    full = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None, **kwargs}
     losses, lse = triton_flce._tile_losses(
         *(None if t is None else t.to(device) for t in (hidden, weight, bias)),
-        labels.to(device), full, split_tiles=split_tiles)
+        labels.to(device), LossOptions(**kwargs), split_tiles=split_tiles)
     want_losses, want_lse = row_oracle(hidden.double(), weight.double(),
                                        None if bias is None else bias.double(), labels,
                                        **kwargs)

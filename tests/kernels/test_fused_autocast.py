@@ -14,8 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cptfast
-from cptfast import reference
-from cptfast.kernels import fused_linear_cross_entropy as triton_fused
+from cptfast.kernels import _autocast, _autograd
 
 MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "matmul", "_scaled_mm",
            "linear", "mv", "addmv", "addmv_", "dot", "addbmm", "addbmm_", "_addmm_activation"}
@@ -62,8 +61,9 @@ def mats(call):
 
 @pytest.fixture
 def chunked(monkeypatch):
-    monkeypatch.setattr(reference, "DEFAULT_CHUNK_BYTES", ROWS * V * 4)  # fp32 logits
-    monkeypatch.setattr(triton_fused, "DEFAULT_CHUNK_BYTES", ROWS * V * 2)  # bf16 logits
+    # One budget for both paths, in the logits' dtype: ROWS rows of bf16 logits.
+    monkeypatch.setattr(_autograd, "DEFAULT_CHUNK_BYTES", dict.fromkeys(("cpu", "cuda"),
+                                                                        ROWS * V * 2))
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def cuda_like():
         return torch.mm(self.to(out_dtype), mat2.to(out_dtype))
 
     def clear_lookups():
-        triton_fused.fp32_out_gemm.cache_clear()  # one lookup serves both paths
+        _autocast.fp32_out_gemm.cache_clear()  # one lookup serves both paths
 
     lib = torch.library.Library("aten", "IMPL")
     lib.impl("addmm.dtype_out", addmm_dtype_out, "CPU")
@@ -145,7 +145,7 @@ def test_every_gemm_in_bf16_on_the_cpu(monkeypatch, chunked, backend, reduction)
     which has no fp32-output bf16 kernel on the CPU, runs in place into the fp32 accumulator
     on fp32 copies of bf16 values (exactly the bf16 operands)."""
     monkeypatch.setenv("CPTFAST_BACKEND", backend)
-    assert not triton_fused.fp32_out_gemm("cpu") and not reference.fp32_out_gemm("cpu")
+    assert not _autocast.fp32_out_gemm("cpu")
     recorder, *_ = run_recorded(reduction)
     matmuls = recorder.matmuls()
     chunks = -(-N // ROWS)

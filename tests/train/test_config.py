@@ -49,7 +49,9 @@ def test_a_valid_file_and_overrides(tmp_path):
     ("[optimizer]\nlr = 1.0", r"unknown config key 'optimizer'; did you mean optim\?"),
     ("[data.sources.a]\npath = 'x'\nweigth = 2", r"did you mean data.sources.a.weight\?"),
     ("[train]\nsteps = 'ten'", r"train.steps must be int, got 'ten'"),
-    ("[model]\nattention = 1", r"model.attention must be bool"),
+    ("[model]\nattention = 1", r"model.attention must be a string \(or true / false\)"),
+    ("[model]\nattention = \"flash\"", r"model.attention must be one of cptfast, flash_attn, "
+                                        r"off; got 'flash'"),
     ("[train]\nprecision = 'fp16'", r"train.precision must be one of fp32, bf16-mixed, bf16-pure"),
     ("[schedule]\nkind = 'exp'", r"schedule.kind must be one of"),
     ("[train]\nsteps = 0", r"train.steps must be at least 1"),
@@ -138,3 +140,17 @@ def test_internal_errors_keep_their_traceback_and_debug_shows_every_one(tmp_path
     with pytest.raises(ValueError, match="a bug"):  # not swallowed into one line
         main(["train", path])
     assert issubclass(ConfigError, ValueError)  # `except ValueError` callers still work
+
+
+MINIMAL = {"data": {"sources": {"a": {"path": "shards"}}}}
+
+
+def test_attention_is_chosen_by_one_key():
+    # One way to choose the attention: model.attention (true / false still read as before).
+    assert config.from_dict({"model": {"path": "m", "attention": True}, **MINIMAL}).validate() \
+        .model.attention == "cptfast"
+    assert config.from_dict({"model": {"path": "m", "attention": False}, **MINIMAL}).validate() \
+        .model.attention == "off"
+    chosen = config.from_dict({"model": {"path": "m", "attention": "flash_attn"},
+                               **MINIMAL}).validate()
+    assert chosen.model.attention == "flash_attn"
