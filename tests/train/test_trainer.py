@@ -154,3 +154,18 @@ def test_metrics_reach_wandb_offline_and_an_mlflow_file_store(setup, tmp_path, m
     assert evals == {e["step"]: e["eval"]["domain"]["loss"] for e in records(run_dir)
                      if "eval" in e}
     assert sorted(evals) == [0, 2, 3, 4]
+
+
+def test_the_loader_options_come_from_the_config(setup, tmp_path, monkeypatch):
+    from cptfast.training import stream
+
+    seen = []
+
+    class Recording(stream.PackedLoader):
+        def __init__(self, *args, **kwargs):
+            seen.append({k: kwargs[k] for k in ("num_threads", "prefetch", "window")})
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(stream, "PackedLoader", Recording)
+    train(in_process_config(setup, tmp_path / "loader", "--train.steps=1", "--data.num_threads=0",
+                            "--data.prefetch=2", "--data.window=7", '--data.packing="bestfit"'))
+    assert seen == [{"num_threads": 0, "prefetch": 2, "window": 7}]
