@@ -189,6 +189,7 @@ class Trainer:
         if counters.step == 0:
             self.evaluate()  # "before": the forgetting monitor's baseline
         started, tokens_at_start = time.perf_counter(), counters.tokens
+        stopped = False  # by a callback, before train.steps
         while counters.step < config.train.steps:
             waiting = time.perf_counter()
             batches = self.stream.batches(counters.step)
@@ -202,13 +203,14 @@ class Trainer:
             if config.checkpoint.every and step % config.checkpoint.every == 0:
                 self.save(export=config.checkpoint.export or step == config.train.steps)
             if self._stop_check(step):
+                stopped = True
                 break
         elapsed = time.perf_counter() - started  # the loop alone: training throughput
         if self.evals.last_step() != counters.step:
             self.evaluate()
         final = checkpoint.checkpoint_root(self.run_dir) / f"step-{counters.step:08d}"
-        if self.saved_step != counters.step:
-            final = self.save(export=True)
+        if self.saved_step != counters.step or (stopped and not config.checkpoint.export):
+            final = self.save(export=True)  # the last checkpoint has the Hugging Face export
         result = TrainResult(self.run_dir, final, counters.step, counters.tokens,
                              counters.skipped, self.evals.evals,
                              (counters.tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0,

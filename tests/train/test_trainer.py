@@ -169,3 +169,13 @@ def test_the_loader_options_come_from_the_config(setup, tmp_path, monkeypatch):
     train(in_process_config(setup, tmp_path / "loader", "--train.steps=1", "--data.num_threads=0",
                             "--data.prefetch=2", "--data.window=7", '--data.packing="bestfit"'))
     assert seen == [{"num_threads": 0, "prefetch": 2, "window": 7}]
+
+
+def test_a_stop_on_a_checkpoint_step_still_ends_with_the_export(setup, tmp_path):
+    # checkpoint.export = false: periodic checkpoints carry no Hugging Face export, the last does
+    config = in_process_config(setup, tmp_path / "stop_on_save", "--checkpoint.every=2",
+                               "--checkpoint.export=false", "--eval.every=0")
+    result = train(config, callbacks=[Recorder(stop_at=4)])
+    assert result.steps == 4 and result.final_checkpoint.name == "step-00000004"
+    assert (result.final_checkpoint / "model.safetensors").is_file()
+    assert not (result.final_checkpoint.with_name("step-00000002") / "model.safetensors").exists()
