@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import operator
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,10 @@ class ModelConfig:
     new_rows_warmup_steps: int = _help(
         "after `cptfast expand-vocab`: train only the new embedding rows for this many steps",
         0)
+    trainable: list[str] = _help("regexes over parameter names: only the matching ones train "
+                                 r"([]: all), e.g. ['layers\.(2[4-9]|3\d)\.']", factory=list)
+    frozen: list[str] = _help("regexes over parameter names: the matching ones never train, "
+                              "e.g. [\"embed_tokens\", \"lm_head\"]", factory=list)
 
 
 @dataclass
@@ -136,6 +141,11 @@ class OptimConfig:
     global_batch_tokens: int = _help(
         "tokens per optimizer step over all ranks; micro-batches accumulate to it "
         "(0: one micro-batch per step)", 0)
+    lr_multipliers: dict[str, float] = _help(
+        "regex over parameter names = factor on their learning rate (the first match counts), "
+        "e.g. { embed_tokens = 0.1 }", factory=dict)
+    decay_to_base: bool = _help("weight decay pulls toward the loaded weights (L2-SP), not "
+                                "toward zero: a lever against forgetting", False)
 
 
 @dataclass
@@ -261,6 +271,19 @@ class Config:
             if source.format == "headerless" and (not source.dtype or source.eos_id < 0):
                 raise ConfigError(f"{key}: a headerless source needs dtype (\"uint16\" or "
                                  "\"uint32\") and eos_id (the token that ends each document)")
+        for key in ("model.trainable", "model.frozen", "optim.lr_multipliers"):
+            for pattern in operator.attrgetter(key)(self):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ConfigError(f"{key}: {pattern!r} is not a regular expression: "
+                                      f"{error}") from None
+        if self.optim.decay_to_base and self.model.new_rows_warmup_steps:
+            raise ConfigError("optim.decay_to_base and model.new_rows_warmup_steps cannot be "
+                              "combined (the warm-up steps only the new rows)")
+        if not all(0 <= m < math.inf for m in self.optim.lr_multipliers.values()):
+            raise ConfigError(f"optim.lr_multipliers must be finite and >= 0, got "
+                              f"{self.optim.lr_multipliers}")
         for key, source in named:
             if not source.weight >= 0 or not source.loss_weight >= 0:
                 raise ConfigError(f"{key}.weight and loss_weight must be >= 0")
@@ -367,6 +390,10 @@ def _convert(annotation: str, value: Any, path: str):
         return {name: _build(EvalSourceConfig, table if isinstance(table, dict)
                              else {"path": table}, f"{path}.{name}")
                 for name, table in value.items()}
+    if annotation == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path} must be a list of strings, got {value!r}")
+        return list(value)
     if annotation == "str | bool":
         if isinstance(value, (str, bool)):
             return value

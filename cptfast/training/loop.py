@@ -40,8 +40,9 @@ from cptfast.training.config import Config
 from cptfast.training.distributed import Context, unwrap, wrap
 from cptfast.training.evaluation import autocast, eval_loss, held_out_batches
 from cptfast.training.metrics import model_flops_per_token, peak_flops, peak_memory, writers
-from cptfast.training.parts import (EMA, Counters, EvalHistory, LearningRate, ModelState,
-                                    NewRowsWarmup, OptimizerState, RunRecord, StallWatch)
+from cptfast.training.parts import (EMA, Counters, DecayToBase, EvalHistory, LearningRate,
+                                    ModelState, NewRowsWarmup, OptimizerState, RunRecord,
+                                    StallWatch, parameter_groups, select_trainable)
 from cptfast.training.stream import DataStream
 
 
@@ -126,10 +127,11 @@ class Trainer:
 
         self.model, self.tokenizer = self._build_model()
         self.optimizer = torch.optim.AdamW(
-            _parameter_groups(self.model, config.optim.weight_decay), lr=config.optim.lr,
+            parameter_groups(unwrap(self.model), config), lr=config.optim.lr,
             betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
             fused=device.type == "cuda" and not config.train.cpu_offload)
         rows = _embedding_rows(self.model)
+        self.decay_to_base = DecayToBase(self.optimizer) if config.optim.decay_to_base else None
         self.counters, self.schedule = Counters(), LearningRate(self.optimizer, config)
         self.stream = DataStream(config, context, device, rows)  # this rank's share
         self.evals, self.stall = EvalHistory(), StallWatch(config.train.stall_steps)
@@ -171,6 +173,7 @@ class Trainer:
                                        on_meta=sharded and not context.main)
         if tokenizer is None:  # checkpoints carry a tokenizer: the one the shards were made with
             tokenizer = _shard_tokenizer(config)
+        select_trainable(model, config)
         self.flops_per_token = model_flops_per_token(model, config.data.seq_len)
         model = wrap(model, config.train.parallel, config.train.precision, context, self.device,
                      cpu_offload=config.train.cpu_offload)
@@ -256,6 +259,8 @@ class Trainer:
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
         counted = label_count > 0  # else every label of the step is -100: nothing to learn
         if finite and counted:
+            if self.decay_to_base is not None:
+                self.decay_to_base.apply()
             if self.new_rows is not None and self.new_rows.applies(counters.step):
                 self.new_rows.step(self.optimizer)
             else:
@@ -475,16 +480,6 @@ def _shard_tokenizer(config: Config):
         if isinstance(source.path, str) and (Path(source.path) / "tokenizer").is_dir():
             return AutoTokenizer.from_pretrained(Path(source.path) / "tokenizer")  # prepare's copy
     return None
-
-
-def _parameter_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases or other 1-D parameters."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _embedding_rows(model) -> int:

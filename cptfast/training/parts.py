@@ -6,6 +6,7 @@ model and optimizer (``sharded``: saved by every rank with torch.distributed.che
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,7 +48,7 @@ class LearningRate:
                           decay_fraction=c.schedule.decay_fraction,
                           decay_shape=c.schedule.decay_shape)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.last
+            group["lr"] = self.last * group.get("lr_multiplier", 1.0)
         return self.last
 
     def state_dict(self) -> dict:  # a pure function of the step: only the last value
@@ -213,3 +214,63 @@ class NewRowsWarmup:
         with torch.no_grad():
             for table, rows in zip(self.tables, saved):
                 table[:self.old_size] = rows
+
+
+def select_trainable(model, config: Config) -> None:
+    """model.trainable / model.frozen: parameters outside the first or inside the second stop
+    requiring gradients (before wrapping, so DDP and FSDP2 see the final choice). A pattern
+    that matches no parameter is an error (a typo would otherwise train everything)."""
+    names = [name for name, _ in model.named_parameters()]
+    for key in ("trainable", "frozen"):
+        for pattern in getattr(config.model, key):
+            if not any(re.search(pattern, name) for name in names):
+                raise ConfigError(f"model.{key}: {pattern!r} matches no parameter of the model "
+                                  f"(names look like {names[0]!r})")
+    for name, parameter in model.named_parameters():
+        keep = not config.model.trainable or any(re.search(p, name)
+                                                 for p in config.model.trainable)
+        if not keep or any(re.search(p, name) for p in config.model.frozen):
+            parameter.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("model.trainable / model.frozen leave no parameter to train")
+
+
+def parameter_groups(model, config: Config) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only (not on norms, biases or other 1-D
+    parameters), and one group per learning-rate multiplier (optim.lr_multipliers, the first
+    matching pattern; "lr_multiplier" in the group, applied by `LearningRate`)."""
+    multipliers = config.optim.lr_multipliers
+    for pattern in multipliers:
+        if not any(re.search(pattern, name) for name, _ in model.named_parameters()):
+            raise ConfigError(f"optim.lr_multipliers: {pattern!r} matches no parameter")
+    groups: dict[tuple[bool, float], list] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            factor = next((m for p, m in multipliers.items() if re.search(p, name)), 1.0)
+            groups.setdefault((parameter.ndim >= 2, factor), []).append(parameter)
+    return [{"params": params, "weight_decay": config.optim.weight_decay if decay else 0.0,
+             "lr_multiplier": factor}
+            for (decay, factor), params in sorted(groups.items(), key=lambda kv: kv[0],
+                                                  reverse=True)]
+
+
+class DecayToBase:
+    """optim.decay_to_base (L2-SP): AdamW's decoupled decay, p -= lr * wd * p, becomes
+    p -= lr * wd * (p - base), toward the weights the run started from. Applied before the
+    optimizer step, as AdamW applies its own; the optimizer's groups then carry no decay of
+    their own. ``base`` is taken when the model is loaded, before any checkpoint is restored:
+    it is model.path's weights, so it needs no saving."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.base = optimizer, {}
+        for group in optimizer.param_groups:
+            group["decay_to_base"], group["weight_decay"] = group["weight_decay"], 0.0
+            if group["decay_to_base"]:
+                self.base.update({id(p): p.detach().clone() for p in group["params"]})
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if group["decay_to_base"] and p.grad is not None:  # AdamW skips the others
+                    p.sub_(p - self.base[id(p)], alpha=group["lr"] * group["decay_to_base"])
