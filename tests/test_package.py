@@ -155,6 +155,7 @@ def test_the_demo_is_train_without_arguments():
 
 # Inside the trainer the same rule: the loop sits on its parts, which sit on the config.
 TRAINING_LAYER = {"schedule": 0, "callbacks": 0, "distributed": 0, "checkpoint": 0, "vocab": 0,
+                  "expansion": 0,
                   "config": 1, "recipes": 2, "evaluation": 2, "metrics": 2, "parts": 2,
                   "stream": 3, "loop": 4, "merge": 5, "demo": 5}
 

@@ -56,6 +56,9 @@ class ModelConfig:
     new_rows_warmup_steps: int = _help(
         "after `cptfast expand-vocab`: train only the new embedding rows for this many steps",
         0)
+    expand_layers: dict[str, Any] = _help(
+        "block expansion (LLaMA-Pro): { every = 8 } inserts an identity-initialised copy after "
+        "every 8 decoder layers, and only the new layers train ({}: off)", factory=dict)
     trainable: list[str] = _help("regexes over parameter names: only the matching ones train "
                                  r"([]: all), e.g. ['layers\.(2[4-9]|3\d)\.']", factory=list)
     frozen: list[str] = _help("regexes over parameter names: the matching ones never train, "
@@ -278,6 +281,11 @@ class Config:
                 except re.error as error:
                     raise ConfigError(f"{key}: {pattern!r} is not a regular expression: "
                                       f"{error}") from None
+        expand = self.model.expand_layers
+        if expand and (set(expand) != {"every"} or not isinstance(expand["every"], int)
+                       or isinstance(expand["every"], bool) or expand["every"] < 1):
+            raise ConfigError(f"model.expand_layers must be {{ every = N }} with N >= 1, got "
+                              f"{expand}")
         if self.optim.decay_to_base and self.model.new_rows_warmup_steps:
             raise ConfigError("optim.decay_to_base and model.new_rows_warmup_steps cannot be "
                               "combined (the warm-up steps only the new rows)")

@@ -38,6 +38,7 @@ from cptfast.training import checkpoint, recipes
 from cptfast.training.callbacks import Callback
 from cptfast.training.config import Config
 from cptfast.training.distributed import Context, unwrap, wrap
+from cptfast.training.expansion import expand_layers
 from cptfast.training.evaluation import autocast, eval_loss, held_out_batches
 from cptfast.training.metrics import model_flops_per_token, peak_flops, peak_memory, writers
 from cptfast.training.parts import (EMA, Counters, DecayToBase, EvalHistory, LearningRate,
@@ -462,6 +463,8 @@ def _load_model(path: Path, config: Config, device: torch.device, *, on_meta: bo
                                                      attn_implementation="sdpa")
         model.to(device)
     attention = config.model.attention
+    if config.model.expand_layers:  # before accelerating: the new layers get its hooks too
+        expand_layers(model, config.model.expand_layers["every"])
     hf.accelerate(model, attention=attention if attention != "off" else False,
                   loss=config.model.loss, rope=config.model.rope)
     if config.model.activation_checkpointing:

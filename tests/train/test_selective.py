@@ -92,3 +92,42 @@ def test_choices_that_select_nothing_are_refused():
     with pytest.raises(ConfigError, match=r"model.trainable: '\(' is not a regular expression"):
         train_config.from_dict({"model": {"path": "m", "trainable": ["("]},
                                 "data": {"sources": {"a": {"path": "x"}}}}).validate()
+
+
+def test_block_expansion_starts_as_the_identity_and_trains_only_the_new_layers(setup, tmp_path):
+    import transformers
+
+    from cptfast.training.expansion import expand_layers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(setup / "base").eval()
+    expanded = transformers.AutoModelForCausalLM.from_pretrained(setup / "base").eval()
+    expand_layers(expanded, every=1)
+    assert expanded.config.num_hidden_layers == 4 and len(expanded.model.layers) == 4
+    assert [layer.self_attn.layer_idx for layer in expanded.model.layers] == [0, 1, 2, 3]
+    trained = sorted({n.split(".")[2] for n, p in expanded.named_parameters() if p.requires_grad})
+    assert trained == ["1", "3"]
+    ids = torch.randint(0, base.config.vocab_size, (2, 17), generator=torch.Generator()
+                        .manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(expanded(ids).logits, base(ids).logits)  # exactly: + 0 is exact
+
+    run_dir = tmp_path / "expanded"
+    train(in_process_config(setup, run_dir, "--train.steps=3", "--checkpoint.every=0",
+                            "--eval.every=0", "--model.expand_layers={ every = 1 }"))
+    export = run_dir / "checkpoints" / "step-00000003"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(export)
+    assert reloaded.config.num_hidden_layers == 4
+    final, old = load_file(export / "model.safetensors"), load_file(setup / "base" /
+                                                                    "model.safetensors")
+    for name, tensor in final.items():  # old layer i is now layer 2i; only odd layers move
+        parts = name.split(".")
+        if len(parts) > 2 and parts[1] == "layers":
+            index = int(parts[2])
+            if index % 2:
+                assert not torch.equal(tensor, old[name.replace(f"layers.{index}.",
+                                                                f"layers.{index // 2}.")])
+            else:
+                assert torch.equal(tensor, old[name.replace(f"layers.{index}.",
+                                                            f"layers.{index // 2}.")]), name
+        else:
+            assert torch.equal(tensor, old[name]), name
