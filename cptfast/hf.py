@@ -123,12 +123,14 @@ def family_of(model, **parts: bool) -> Family:
 # Loss: the last hidden state into the fused linear cross-entropy, no logits.
 
 def _accelerated_forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                         past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                         logits_to_keep=0, return_logits: bool | None = None, **kwargs):
+                         inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                         return_logits: bool | None = None, **kwargs):
     """The model's forward; with labels in training, the loss comes from the fused linear
     cross-entropy and no logits are built. ``return_logits=True`` builds them as usual;
     ``return_logits=False`` skips them in eval too (a held-out loss without logits).
-    ``token_loss_weights`` (like the labels) weights each token's loss."""
+    ``token_loss_weights`` (like the labels) weights each token's loss. A KV cache passes
+    through in ``kwargs`` under the name the caller used (``cache``; ``past_key_values`` before
+    transformers 5.24), so no deprecated argument is sent."""
     shift_labels = kwargs.get("shift_labels")
     token_loss_weights = kwargs.pop("token_loss_weights", None)
     fused = ((labels is not None or shift_labels is not None)
@@ -140,14 +142,13 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, position_ids
     if not fused:
         return type(self).forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     outputs = self.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-        **kwargs)
+        inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     if shift_labels is None:  # position i predicts token i + 1, as transformers shifts
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     num_items = kwargs.get("num_items_in_batch")
@@ -162,7 +163,7 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, position_ids
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     return CausalLMOutputWithPast(loss=loss, logits=None,
-                                  past_key_values=outputs.past_key_values,
+                                  past_key_values=getattr(outputs, "past_key_values", None),
                                   hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
 
