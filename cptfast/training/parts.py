@@ -220,12 +220,8 @@ def select_trainable(model, config: Config) -> None:
     """model.trainable / model.frozen: parameters outside the first or inside the second stop
     requiring gradients (before wrapping, so DDP and FSDP2 see the final choice). A pattern
     that matches no parameter is an error (a typo would otherwise train everything)."""
-    names = [name for name, _ in model.named_parameters()]
-    for key in ("trainable", "frozen"):
-        for pattern in getattr(config.model, key):
-            if not any(re.search(pattern, name) for name in names):
-                raise ConfigError(f"model.{key}: {pattern!r} matches no parameter of the model "
-                                  f"(names look like {names[0]!r})")
+    _each_pattern_matches(model, "model.trainable", config.model.trainable)
+    _each_pattern_matches(model, "model.frozen", config.model.frozen)
     for name, parameter in model.named_parameters():
         keep = not config.model.trainable or any(re.search(p, name)
                                                  for p in config.model.trainable)
@@ -235,14 +231,20 @@ def select_trainable(model, config: Config) -> None:
         raise ConfigError("model.trainable / model.frozen leave no parameter to train")
 
 
+def _each_pattern_matches(model, key: str, patterns) -> None:
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(re.search(pattern, name) for name in names):
+            raise ConfigError(f"{key}: {pattern!r} matches no parameter of the model (names "
+                              f"look like {names[0]!r})")
+
+
 def parameter_groups(model, config: Config) -> list[dict]:
     """AdamW's groups: weight decay on matrices only (not on norms, biases or other 1-D
     parameters), and one group per learning-rate multiplier (optim.lr_multipliers, the first
     matching pattern; "lr_multiplier" in the group, applied by `LearningRate`)."""
     multipliers = config.optim.lr_multipliers
-    for pattern in multipliers:
-        if not any(re.search(pattern, name) for name, _ in model.named_parameters()):
-            raise ConfigError(f"optim.lr_multipliers: {pattern!r} matches no parameter")
+    _each_pattern_matches(model, "optim.lr_multipliers", multipliers)
     groups: dict[tuple[bool, float], list] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
