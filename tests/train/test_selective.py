@@ -131,3 +131,18 @@ def test_block_expansion_starts_as_the_identity_and_trains_only_the_new_layers(s
                                                             f"layers.{index // 2}.")]), name
         else:
             assert torch.equal(tensor, old[name]), name
+
+
+@pytest.mark.parametrize("model,optim,message", [
+    ({"expand_layers": {"every": 0}}, {}, r"model.expand_layers must be \{ every = N \} with "
+                                          r"N >= 1, got \{'every': 0\}"),
+    ({"expand_layers": {"each": 2}}, {}, r"model.expand_layers must be \{ every = N \}"),
+    ({"new_rows_warmup_steps": 5}, {"decay_to_base": True},
+     "optim.decay_to_base and model.new_rows_warmup_steps cannot be combined"),
+    ({}, {"lr_multipliers": {"embed": -1.0}}, "optim.lr_multipliers must be finite and >= 0"),
+])
+def test_bad_selective_settings_are_named(model, optim, message):
+    table = {"model": {"path": "m", **model}, "optim": optim,
+             "data": {"sources": {"a": {"path": "x"}}}}
+    with pytest.raises(ConfigError, match=message):
+        train_config.from_dict(table).validate()
