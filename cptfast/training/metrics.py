@@ -33,7 +33,8 @@ _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 class MetricsWriter(Callback):
     """A callback that records step metrics every ``every`` steps (and every skipped step,
-    so that none goes unseen) and every evaluation."""
+    so that none goes unseen) and every evaluation. The trainer calls ``close()`` however
+    the run ends."""
 
     def __init__(self, every: int = 1):
         self.every = every
@@ -60,9 +61,6 @@ class MetricsFile(MetricsWriter):
     def on_eval(self, trainer, step: int, losses: dict[str, float]) -> None:
         self._write({"step": step, "eval": {name: {"loss": loss, "perplexity": _perplexity(loss)}
                                             for name, loss in losses.items()}})
-
-    def on_train_end(self, trainer, result) -> None:
-        self.close()
 
     def _write(self, entry: dict) -> None:
         data = (json.dumps(entry) + "\n").encode()
@@ -95,9 +93,6 @@ class ProgressBar(Callback):
         self.bar.set_postfix(loss="-" if result.loss is None else f"{result.loss:.3f}",
                              tok_s=f"{result.tokens_per_s:,.0f}", refresh=False)
 
-    def on_train_end(self, trainer, result) -> None:
-        self.close()
-
     def close(self) -> None:
         self.bar.close()
 
@@ -119,9 +114,6 @@ class TensorBoard(MetricsWriter):
     def on_eval(self, trainer, step: int, losses: dict[str, float]) -> None:
         for name, loss in losses.items():
             self.board.add_scalar(f"eval/{name}_loss", loss, step)
-
-    def on_train_end(self, trainer, result) -> None:
-        self.close()
 
     def close(self) -> None:
         self.board.close()  # (closing twice is harmless)
@@ -148,9 +140,6 @@ class WandB(MetricsWriter):
 
     def on_eval(self, trainer, step: int, losses: dict[str, float]) -> None:
         self.run.log({f"eval/{name}_loss": loss for name, loss in losses.items()}, step=step)
-
-    def on_train_end(self, trainer, result) -> None:
-        self.close()
 
     def close(self) -> None:
         if self.run is not None:
